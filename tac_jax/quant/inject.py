@@ -1,0 +1,227 @@
+"""Quantize the `nn.Dense` / `nn.Conv` layers of an unmodified Flax Linen model.
+
+*What* to quantize is a `QuantConfig` (bits, granularity, observers, layer patterns);
+*how* is a method interceptor (`flax.linen.intercept_methods`) that replaces the
+`__call__` of each selected layer with a quantized version. The model's code is never
+edited: its variables gain a `quant` collection, mirroring `params`, that holds per layer
+
+    w        int8 weights (two 4-bit values per byte when w_bits <= 4)
+    w_scale  [out] float32 per-output-channel weight scale (symmetric weights)
+    w_sum    [out] int32 sum of integer weights (exact activation zero-point correction)
+    a_scale  [G] float32 activation scale, one per timestep group
+    a_zero   [G] int32 activation zero point
+
+Weights are quantized once, when the `quant` collection is built. Two execution modes
+share that state: `fake` (dequantize, float matmul/conv: the simulation) and `int`
+(int8 x int8 -> int32 kernels, then rescale); they agree to float tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from tac_jax.quant import core
+from tac_jax.quant import int_ops
+from tac_jax.quant import observers
+
+MODES = ("fake", "int")
+QUANT_COLLECTION = "quant"
+STATS_COLLECTION = "act_stats"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """What to quantize. Hashable, so it can be a static argument of jitted code."""
+  w_bits: int = 8
+  a_bits: int = 8
+  w_per_channel: bool = True
+  w_observer: str = "minmax"
+  a_observer: str = "minmax"
+  a_symmetric: bool = False
+  a_dynamic: bool = False           # per-call min-max ranges instead of calibrated ones
+  time_groups: int = 1              # timestep-grouped activation ranges (TDQ-style)
+  include: str = r".*"              # regex on the layer path 'block/layer'
+  exclude: str = r"^$"              # layers left in float
+  keep_8bit: str = r"^$"            # layers kept at W8A8 (e.g. first / last / time MLP)
+  percentile: float = 99.99
+  sample_size: int = 4096           # activation values kept per layer and call
+
+  def __post_init__(self):
+    core.check_bits(self.w_bits)
+    core.check_bits(self.a_bits)
+    observers.get_observer(self.w_observer)
+    observers.get_observer(self.a_observer)
+    if self.time_groups < 1:
+      raise ValueError(f"time_groups must be >= 1, got {self.time_groups}.")
+    for name in ("include", "exclude", "keep_8bit"):
+      try:
+        re.compile(getattr(self, name))
+      except re.error as e:
+        raise ValueError(f"QuantConfig.{name} is not a valid regex: {e}") from None
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(names)}.")
+    return cls(**dict(d))
+
+  @property
+  def name(self) -> str:
+    return f"W{self.w_bits}A{self.a_bits}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """Static description of one quantized layer."""
+  kind: str          # 'dense' or 'conv'
+  w_bits: int
+  a_bits: int
+  a_symmetric: bool
+  out_features: int
+
+  @property
+  def packed(self) -> bool:
+    return self.w_bits <= 4
+
+
+def layer_path(module: nn.Module) -> str:
+  return "/".join(module.path)
+
+
+def is_quantizable(module: nn.Module) -> bool:
+  return type(module) in (nn.Dense, nn.Conv)
+
+
+def time_group(t, num_timesteps: int, groups: int) -> jax.Array:
+  """Group index of (scalar) diffusion timestep t when [0, T) is split into equal bins."""
+  t = jnp.reshape(jnp.asarray(t), (-1,))[0]
+  return jnp.clip((t.astype(jnp.int32) * groups) // num_timesteps, 0, groups - 1)
+
+
+# ----------------------------------------------------------------------------- layer math
+
+def conv_padding(module: nn.Conv, spatial: Tuple[int, ...]) -> Tuple[Tuple[int, int], ...]:
+  """Explicit (lo, hi) padding pairs for a Flax Conv on an input of spatial shape."""
+  pad = module.padding
+  ks = tuple(module.kernel_size)
+  dil = module.kernel_dilation or 1
+  dil = (dil,) * len(ks) if isinstance(dil, int) else tuple(dil)
+  strides = module.strides or 1
+  strides = (strides,) * len(ks) if isinstance(strides, int) else tuple(strides)
+  if isinstance(pad, str):
+    if pad.upper() not in ("SAME", "VALID"):
+      raise ValueError(f"quantized Conv supports SAME/VALID/explicit padding, got {pad!r}.")
+    eff = tuple((k - 1) * d + 1 for k, d in zip(ks, dil))
+    return tuple(lax.padtype_to_pads(spatial, eff, strides, pad.upper()))
+  if isinstance(pad, int):
+    return ((pad, pad),) * len(ks)
+  return tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
+
+
+def _conv_geometry(module: nn.Conv, x):
+  if x.ndim != 4:
+    raise ValueError(f"quantized Conv supports NHWC inputs (rank 4), got shape {x.shape} "
+                     f"at layer {layer_path(module)}.")
+  if module.feature_group_count != 1 or (module.input_dilation not in (None, 1, (1, 1))):
+    raise ValueError(f"layer {layer_path(module)}: grouped or input-dilated convs are not "
+                     "supported by the quantized path; exclude it in QuantConfig.exclude.")
+  strides = module.strides or 1
+  strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+  dil = module.kernel_dilation or 1
+  dil = (dil,) * 2 if isinstance(dil, int) else tuple(dil)
+  return strides, conv_padding(module, x.shape[1:3]), dil
+
+
+def _activation_params(module, spec: LayerSpec, config: QuantConfig, x, group):
+  if config.a_dynamic:
+    return observers.minmax(x, spec.a_bits, None, spec.a_symmetric)
+  scale = module.get_variable(QUANT_COLLECTION, "a_scale")[group]
+  zero = module.get_variable(QUANT_COLLECTION, "a_zero")[group]
+  return core.QuantParams(scale=scale, zero_point=zero, bits=spec.a_bits, axis=None,
+                          symmetric=spec.a_symmetric)
+
+
+def _integer_weights(module, spec: LayerSpec):
+  w = module.get_variable(QUANT_COLLECTION, "w")
+  return core.unpack_int4(w, spec.out_features) if spec.packed else w
+
+
+def quantized_call(module, spec: LayerSpec, config: QuantConfig, mode: str, x, group):
+  """The quantized replacement of `module.__call__(x)`."""
+  x = jnp.asarray(x, jnp.float32)
+  a_qp = _activation_params(module, spec, config, x, group)
+  wq = _integer_weights(module, spec)
+  w_scale = module.get_variable(QUANT_COLLECTION, "w_scale")
+  bias = module.get_variable("params", "bias") if module.use_bias else None
+  if spec.kind == "dense":
+    if mode == "int":
+      return int_ops.quantized_dense(x, a_qp, wq, w_scale,
+                                     module.get_variable(QUANT_COLLECTION, "w_sum"), bias)
+    y = jnp.dot(core.fake_quant(x, a_qp), wq.astype(jnp.float32) * w_scale)
+    return y if bias is None else y + bias
+  strides, padding, dil = _conv_geometry(module, x)
+  if mode == "int":
+    return int_ops.quantized_conv(x, a_qp, wq, w_scale,
+                                  module.get_variable(QUANT_COLLECTION, "w_sum"),
+                                  strides, padding, dil, bias)
+  y = int_ops.float_conv(core.fake_quant(x, a_qp), wq.astype(jnp.float32) * w_scale,
+                         strides, padding, dil)
+  return y if bias is None else y + bias
+
+
+# ----------------------------------------------------------------------------- interceptors
+
+def quantizing_interceptor(specs: Mapping[str, LayerSpec], config: QuantConfig, mode: str,
+                           group) -> Callable:
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}.")
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not is_quantizable(module):
+      return next_fun(*args, **kwargs)
+    spec = specs.get(layer_path(module))
+    if spec is None:
+      return next_fun(*args, **kwargs)
+    return quantized_call(module, spec, config, mode, args[0], group)
+
+  return intercept
+
+
+def observing_interceptor(sample_size: int) -> Callable:
+  """Records (min, max, evenly strided sample) of every Dense/Conv input via `sow`."""
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and is_quantizable(module):
+      flat = jnp.ravel(args[0]).astype(jnp.float32)
+      k = min(sample_size, flat.shape[0])
+      idx = (jnp.arange(k) * flat.shape[0]) // k
+      module.sow(STATS_COLLECTION, "x", (jnp.min(flat), jnp.max(flat), flat[idx]))
+    return next_fun(*args, **kwargs)
+
+  return intercept
+
+
+def list_layers(module: nn.Module, variables, *args, **kwargs) -> Dict[str, str]:
+  """Maps the path of every Dense/Conv layer a call touches to 'dense' or 'conv'."""
+  found: Dict[str, str] = {}
+
+  def intercept(next_fun, a, kw, context):
+    m = context.module
+    if context.method_name == "__call__" and is_quantizable(m):
+      found[layer_path(m)] = "dense" if isinstance(m, nn.Dense) else "conv"
+    return next_fun(*a, **kw)
+
+  with nn.intercept_methods(intercept):
+    jax.eval_shape(lambda v: module.apply(v, *args, **kwargs), variables)
+  return found

@@ -1,0 +1,215 @@
+"""PTQ driver: float model + calibration inputs -> `QuantizedModel`.
+
+1. List the Dense/Conv layers the model calls and pick those the config selects.
+2. Quantize their weights once (per output channel, symmetric).
+3. Run the float model over calibration inputs (x, t), recording per-layer input
+   statistics, grouped by timestep when `config.time_groups > 1`.
+4. Fit activation ranges with the configured observer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from tac_jax.quant import core
+from tac_jax.quant import int_ops
+from tac_jax.quant import observers
+from tac_jax.quant.inject import (QUANT_COLLECTION, STATS_COLLECTION, LayerSpec, QuantConfig,
+                                  list_layers, observing_interceptor, quantizing_interceptor,
+                                  time_group)
+
+Params = Dict[str, Any]
+CalibBatch = Tuple[jax.Array, Any]  # (x, t); t is a scalar timestep (or None)
+
+
+def _call(module, variables, x, t, **kw):
+  return module.apply(variables, x, **kw) if t is None else module.apply(variables, x, t, **kw)
+
+
+def select_layers(layers: Mapping[str, str], config: QuantConfig) -> Dict[str, LayerSpec]:
+  """LayerSpecs (empty out_features, filled later) for the layers the config selects."""
+  inc, exc, keep8 = (re.compile(p) for p in (config.include, config.exclude, config.keep_8bit))
+  chosen = {}
+  for path, kind in layers.items():
+    if not inc.search(path) or exc.search(path):
+      continue
+    eight = bool(keep8.search(path))
+    chosen[path] = LayerSpec(kind=kind, w_bits=8 if eight else config.w_bits,
+                             a_bits=8 if eight else config.a_bits,
+                             a_symmetric=config.a_symmetric, out_features=0)
+  return chosen
+
+
+def quantize_weight(kernel: jax.Array, spec: LayerSpec, config: QuantConfig) -> Dict[str, jax.Array]:
+  """Integer weights, per-output-channel scales and integer column sums for one layer."""
+  observers.check_calibration_data(kernel, "layer weight")
+  axis = kernel.ndim - 1 if config.w_per_channel else None
+  observer = observers.get_observer(config.w_observer)
+  qp = observer(kernel, spec.w_bits, axis, True)
+  wq = core.quantize(kernel, qp)
+  out = kernel.shape[-1]
+  w_scale = jnp.broadcast_to(jnp.reshape(qp.scale, (-1,)), (out,)) if qp.axis is None \
+      else jnp.reshape(qp.scale, (out,))
+  return {
+      "w": core.pack_int4(wq) if spec.packed else wq,
+      "w_scale": w_scale.astype(jnp.float32),
+      "w_sum": int_ops.weight_sums(wq),
+  }
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedModel:
+  """A quantized model: module, variables ({'params', 'quant'}) and static layer specs."""
+  module: nn.Module
+  variables: Params
+  specs: Mapping[str, LayerSpec]
+  config: QuantConfig
+  num_timesteps: int
+
+  def apply_fn(self, mode: str = "fake") -> Callable:
+    """Pure `apply(variables, x, t)` for `mode` in {'fake', 'int'} (cached per mode)."""
+    return _apply_fn(self, mode)
+
+  def __call__(self, x, t=None, mode: str = "fake"):
+    return _jitted_apply_fn(self, mode)(self.variables, x, t)
+
+  def memory_report(self, float_params: Params) -> Dict[str, int]:
+    """Bytes of the float model vs this model, and of the quantized layers alone."""
+    flat_float = traverse_util.flatten_dict(float_params, sep="/")
+    w_float = sum(core.storage_bytes(flat_float[f"{p}/kernel"]) for p in self.specs)
+    flat_q = traverse_util.flatten_dict(self.variables[QUANT_COLLECTION], sep="/")
+    w_int = sum(core.storage_bytes(flat_q[f"{p}/w"]) for p in self.specs)
+    w_int8 = sum(core.storage_bytes(flat_float[f"{p}/kernel"]) // 4 for p in self.specs)
+    return {
+        "model_float32": sum(core.storage_bytes(v) for v in flat_float.values()),
+        "model_quantized": sum(core.storage_bytes(v) for v in jax.tree.leaves(self.variables)),
+        "layers_float32": w_float,
+        "layers_int8": w_int8,
+        "layers_stored": w_int,
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _apply_fn(qmodel: QuantizedModel, mode: str) -> Callable:
+  module, specs, config, T = qmodel.module, qmodel.specs, qmodel.config, qmodel.num_timesteps
+
+  def apply(variables, x, t=None):
+    group = 0 if t is None else time_group(t, T, config.time_groups)
+    with nn.intercept_methods(quantizing_interceptor(specs, config, mode, group)):
+      return _call(module, variables, x, t)
+
+  return apply
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply_fn(qmodel: QuantizedModel, mode: str) -> Callable:
+  return jax.jit(_apply_fn(qmodel, mode))
+
+
+def _check_calibration(calib: Sequence[CalibBatch]) -> List[CalibBatch]:
+  calib = list(calib)
+  if not calib:
+    raise ValueError("no calibration data: pass at least one (x, t) batch.")
+  for i, (x, _) in enumerate(calib):
+    observers.check_calibration_data(x, f"calibration batch {i}")
+  return calib
+
+
+def collect_activation_stats(module: nn.Module, params: Params, calib: Sequence[CalibBatch],
+                             config: QuantConfig, num_timesteps: int
+                             ) -> Dict[str, List[List[np.ndarray]]]:
+  """Per layer and timestep group: the list of recorded input values (min, max, sample)."""
+  calib = _check_calibration(calib)
+
+  @jax.jit
+  def observe(params, x, t):
+    with nn.intercept_methods(observing_interceptor(config.sample_size)):
+      _, state = _call(module, {"params": params}, x, t, mutable=[STATS_COLLECTION])
+    return state[STATS_COLLECTION]
+
+  stats: Dict[str, List[List[np.ndarray]]] = {}
+  for x, t in calib:
+    g = 0 if t is None else int(time_group(t, num_timesteps, config.time_groups))
+    rec = observe(params, x, t)
+    flat = traverse_util.flatten_dict(rec, is_leaf=lambda k, v: isinstance(v, tuple))
+    for key, calls in flat.items():
+      path = "/".join(key[:-1])
+      groups = stats.setdefault(path, [[] for _ in range(config.time_groups)])
+      for lo, hi, sample in calls:
+        groups[g].append(np.concatenate([[lo, hi], np.asarray(sample)]))
+  return stats
+
+
+@functools.partial(jax.jit, static_argnames=("name", "bits", "symmetric", "p"))
+def _fit_range(data, name: str, bits: int, symmetric: bool, p: float):
+  kw = {"p": p} if name == "percentile" else {}
+  qp = observers.get_observer(name)(data, bits, None, symmetric, **kw)
+  return jnp.reshape(qp.scale, ()), jnp.reshape(qp.zero_point, ())
+
+
+def fit_activation_ranges(stats, specs: Mapping[str, LayerSpec], config: QuantConfig):
+  ranges = {}
+  for path, spec in specs.items():
+    if path not in stats:
+      raise ValueError(f"layer {path} recorded no activations during calibration.")
+    groups = stats[path]
+    everything = np.concatenate([v for g in groups for v in g])
+    observers.check_calibration_data(everything, f"activations of layer {path}")
+    scales, zeros = [], []
+    for g in groups:
+      data = np.concatenate(g) if g else everything
+      s, z = _fit_range(jnp.asarray(data), config.a_observer, spec.a_bits, spec.a_symmetric,
+                        config.percentile)
+      scales.append(s)
+      zeros.append(z)
+    ranges[path] = {"a_scale": jnp.stack(scales).astype(jnp.float32),
+                    "a_zero": jnp.stack(zeros).astype(jnp.int32)}
+  return ranges
+
+
+def quantize_model(module: nn.Module, params: Params, calib: Iterable[CalibBatch],
+                   config: QuantConfig, num_timesteps: int = 1000) -> QuantizedModel:
+  """Post-training quantization of `module` (called as `module.apply(v, x, t)`).
+
+  Args:
+    module: a Flax Linen module; its Dense/Conv layers are quantized by interception.
+    params: the float `params` collection.
+    calib: (x, t) calibration batches, t a scalar timestep (None for models without t).
+    config: what to quantize.
+    num_timesteps: the diffusion T, used to map t to its activation-range group.
+  """
+  calib = _check_calibration(calib)
+  x0, t0 = calib[0]
+  layers = list_layers(module, {"params": params}, *((x0,) if t0 is None else (x0, t0)))
+  specs = select_layers(layers, config)
+  if not specs:
+    raise ValueError(f"QuantConfig selects none of the model's layers {sorted(layers)}; "
+                     "check include/exclude.")
+  flat = traverse_util.flatten_dict(params, sep="/")
+  quant: Dict[str, Any] = {}
+  for path, spec in list(specs.items()):
+    kernel = flat[f"{path}/kernel"]
+    specs[path] = dataclasses.replace(spec, out_features=int(kernel.shape[-1]))
+    quant[path] = quantize_weight(kernel, specs[path], config)
+  if not config.a_dynamic:
+    stats = collect_activation_stats(module, params, calib, config, num_timesteps)
+    for path, r in fit_activation_ranges(stats, specs, config).items():
+      quant[path].update(r)
+  kept = {k: v for k, v in flat.items() if k.rsplit("/", 1)[0] not in specs
+          or not k.endswith("/kernel")}
+  variables = {
+      "params": traverse_util.unflatten_dict(kept, sep="/"),
+      QUANT_COLLECTION: traverse_util.unflatten_dict(
+          {f"{p}/{n}": a for p, d in quant.items() for n, a in d.items()}, sep="/"),
+  }
+  return QuantizedModel(module=module, variables=variables, specs=specs, config=config,
+                        num_timesteps=num_timesteps)

@@ -1,0 +1,219 @@
+"""Quantization core: quantizers, observers, int4 storage, integer kernels, injection."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tac_jax import quant
+from tac_jax.quant import core, int_ops, observers
+
+
+def _key(i=0):
+  return jax.random.key(i)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_round_trip_error_bounded_by_half_scale_and_clips_outside(bits, symmetric):
+  x = jax.random.uniform(_key(), (1000,), minval=-3.0, maxval=2.0)
+  qp = observers.minmax(x, bits, symmetric=symmetric)
+  err = jnp.abs(core.dequantize(core.quantize(x, qp), qp) - x)
+  assert float(jnp.max(err)) <= float(qp.scale) / 2 + 1e-6
+  lo, hi = core.clip_range(qp)
+  outside = jnp.array([float(lo) - 10.0, float(hi) + 10.0])
+  np.testing.assert_allclose(core.fake_quant(outside, qp), [lo, hi], rtol=1e-6)
+  q = core.quantize(x, qp)
+  assert q.dtype == jnp.int8 and int(q.min()) >= qp.qmin and int(q.max()) <= qp.qmax
+
+
+def test_per_channel_beats_per_tensor_on_uneven_channels():
+  ranges = jnp.array([0.01, 0.1, 1.0, 10.0])
+  x = jax.random.normal(_key(1), (256, 4)) * ranges
+  def err(qp):  # mean over channels of the relative (per-channel) error
+    return float(jnp.mean(jnp.mean((core.fake_quant(x, qp) - x) ** 2, 0) / jnp.var(x, 0)))
+  assert err(observers.minmax(x, 4, axis=-1)) < 0.1 * err(observers.minmax(x, 4, axis=None))
+
+
+def test_mse_observer_beats_minmax_on_heavy_tails():
+  x = jax.random.t(_key(2), 3.0, (20000,))  # Student-t, 3 degrees of freedom
+  def err(qp):
+    return float(jnp.mean((core.fake_quant(x, qp) - x) ** 2))
+  assert err(observers.mse(x, 4)) < 0.5 * err(observers.minmax(x, 4))
+  assert err(observers.percentile(x, 4, p=99.9)) < err(observers.minmax(x, 4))
+
+
+def test_observers_are_deterministic():
+  x = jax.random.normal(_key(3), (64, 8))
+  for name in observers.OBSERVERS:
+    a = observers.get_observer(name)(x, 4, axis=1, symmetric=False)
+    b = observers.get_observer(name)(x, 4, axis=1, symmetric=False)
+    np.testing.assert_array_equal(a.scale, b.scale)
+    np.testing.assert_array_equal(a.zero_point, b.zero_point)
+
+
+@pytest.mark.parametrize("n", [6, 7])
+def test_int4_pack_round_trip_exact(n):
+  q = jax.random.randint(_key(4), (5, n), -8, 8).astype(jnp.int8)
+  packed = core.pack_int4(q)
+  assert packed.dtype == jnp.int8 and packed.shape == (5, (n + 1) // 2)
+  np.testing.assert_array_equal(core.unpack_int4(packed, n), q)
+
+
+def test_ste_gradient_identity_inside_zero_outside():
+  qp = core.params_from_range(-1.0, 1.0, 8, symmetric=True)
+  x = jnp.array([-5.0, -0.5, 0.0, 0.3, 0.99, 5.0])
+  g = jax.grad(lambda x: jnp.sum(core.fake_quant(x, qp)))(x)
+  np.testing.assert_array_equal(g, [0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+
+
+def _act_and_weight(key, x_shape, w_shape, a_bits=8, w_bits=8):
+  kx, kw = jax.random.split(key)
+  x = jax.nn.silu(jax.random.normal(kx, x_shape))  # asymmetric range, like a UNet
+  w = jax.random.normal(kw, w_shape) * 0.2
+  a_qp = observers.minmax(x, a_bits, symmetric=False)
+  w_qp = observers.minmax(w, w_bits, axis=w.ndim - 1, symmetric=True)
+  return x, w, a_qp, w_qp, core.quantize(w, w_qp)
+
+
+@pytest.mark.parametrize("a_bits,w_bits", [(8, 8), (4, 4)])
+def test_int_dot_equals_fake_quant(a_bits, w_bits):
+  x, w, a_qp, w_qp, wq = _act_and_weight(_key(5), (16, 32), (32, 24), a_bits, w_bits)
+  xq = core.quantize(x, a_qp)
+  # Exact in the integer domain.
+  acc = int_ops.int_dot(xq, wq) - a_qp.zero_point * int_ops.weight_sums(wq)
+  exact = (xq.astype(jnp.float32) - a_qp.zero_point) @ wq.astype(jnp.float32)
+  np.testing.assert_array_equal(acc, exact.astype(jnp.int32))
+  # Float tolerance after rescale.
+  y_int = int_ops.quantized_dense(x, a_qp, wq, w_qp.scale.reshape(-1), int_ops.weight_sums(wq))
+  y_fake = core.fake_quant(x, a_qp) @ core.dequantize(wq, w_qp)
+  np.testing.assert_allclose(y_int, y_fake, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_int_conv_equals_fake_quant_including_borders(stride):
+  x, w, a_qp, w_qp, wq = _act_and_weight(_key(6), (2, 9, 9, 5), (3, 3, 5, 7))
+  pads = tuple(jax.lax.padtype_to_pads((9, 9), (3, 3), (stride, stride), "SAME"))
+  y_int = int_ops.quantized_conv(x, a_qp, wq, w_qp.scale.reshape(-1), int_ops.weight_sums(wq),
+                                 (stride, stride), pads)
+  y_fake = int_ops.float_conv(core.fake_quant(x, a_qp), core.dequantize(wq, w_qp),
+                              (stride, stride), pads)
+  np.testing.assert_allclose(y_int, y_fake, rtol=1e-5, atol=1e-5)
+  # Exact integers: zero-point-shifted input, zero padded.
+  xs = core.quantize(x, a_qp).astype(jnp.float32) - a_qp.zero_point
+  exact = int_ops.float_conv(xs, wq.astype(jnp.float32), (stride, stride), pads)
+  acc = int_ops.int_conv(core.quantize(x, a_qp), wq, (stride, stride), pads,
+                         pad_value=a_qp.zero_point) - a_qp.zero_point * int_ops.weight_sums(wq)
+  np.testing.assert_array_equal(acc, exact.astype(jnp.int32))
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x, t=None):
+    x = nn.silu(nn.Dense(64, name="fc1")(x))
+    x = nn.silu(nn.Dense(64, name="fc2")(x))
+    return nn.Dense(8, name="out")(x)
+
+
+class ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, t=None):
+    x = nn.silu(nn.Conv(16, (3, 3), name="conv1")(x))
+    x = nn.silu(nn.Conv(16, (3, 3), strides=(2, 2), name="down")(x))
+    x = nn.silu(nn.Conv(16, (1, 1), name="mix")(x))
+    return nn.Conv(3, (3, 3), name="conv_out")(x)
+
+
+def _rel_err(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("model_cls,shape", [(MLP, (32, 16)), (ConvNet, (4, 12, 12, 3))])
+def test_flax_model_quantized_error_and_ordering(model_cls, shape):
+  model = model_cls()
+  x = jax.random.normal(_key(7), shape)
+  params = model.init(_key(8), x)["params"]
+  y = model.apply({"params": params}, x)
+  calib = [(jax.random.normal(jax.random.key(10 + i), shape), None) for i in range(4)]
+  errs = {}
+  for w, a in [(8, 8), (4, 8), (4, 4)]:
+    qm = quant.quantize_model(model, params, calib, quant.QuantConfig(w_bits=w, a_bits=a))
+    y_fake, y_int = qm(x, mode="fake"), qm(x, mode="int")
+    np.testing.assert_allclose(y_int, y_fake, rtol=1e-4, atol=1e-4)
+    errs[(w, a)] = _rel_err(y_fake, y)
+  assert errs[(8, 8)] < 0.03  # stated W8A8 bound: 3 % relative error
+  assert errs[(8, 8)] < errs[(4, 8)] < errs[(4, 4)]
+
+
+def test_quantized_model_stores_packed_int4_and_drops_float_kernels():
+  model = MLP()
+  x = jax.random.normal(_key(9), (8, 16))
+  params = model.init(_key(8), x)["params"]
+  qm = quant.quantize_model(model, params, [(x, None)],
+                            quant.QuantConfig(w_bits=4, a_bits=8, keep_8bit="^out$"))
+  q = qm.variables["quant"]
+  assert q["fc1"]["w"].shape == (16, 32) and q["fc1"]["w"].dtype == jnp.int8  # packed
+  assert q["out"]["w"].shape == (64, 8)  # kept at 8 bits
+  assert "kernel" not in qm.variables["params"]["fc1"]
+  report = qm.memory_report(params)
+  assert report["layers_stored"] < report["layers_int8"] < report["layers_float32"]
+
+
+def test_integer_path_lowers_to_s8_dot_and_convolution():
+  model = ConvNet()
+  x = jax.random.normal(_key(11), (2, 8, 8, 3))
+  params = model.init(_key(8), x)["params"]
+  qm = quant.quantize_model(model, params, [(x, None)], quant.QuantConfig())
+  hlo = jax.jit(qm.apply_fn("int")).lower(qm.variables, x).as_text()
+  assert "convolution" in hlo
+  conv_lines = [l for l in hlo.splitlines() if "convolution" in l and "xi8" in l]
+  assert conv_lines and all("xi32" in l for l in conv_lines), conv_lines[:2]
+  mlp = MLP()
+  xd = jax.random.normal(_key(12), (4, 16))
+  pd = mlp.init(_key(8), xd)["params"]
+  qd = quant.quantize_model(mlp, pd, [(xd, None)], quant.QuantConfig())
+  hlo = jax.jit(qd.apply_fn("int")).lower(qd.variables, xd).as_text()
+  dots = [l for l in hlo.splitlines() if "dot_general" in l and "xi8" in l]
+  assert dots and all("-> tensor<4x64xi32>" in l or "xi32>" in l for l in dots), dots[:2]
+
+
+def test_timestep_grouped_activation_ranges():
+  model = MLP()
+  x_small = jax.random.normal(_key(13), (16, 16)) * 0.1
+  x_big = jax.random.normal(_key(14), (16, 16)) * 10.0
+  params = model.init(_key(8), x_small)["params"]
+  cfg = quant.QuantConfig(time_groups=2)
+  qm = quant.quantize_model(model, params, [(x_small, 100), (x_big, 900)], cfg,
+                            num_timesteps=1000)
+  s = qm.variables["quant"]["fc1"]["a_scale"]
+  assert s.shape == (2,) and float(s[1]) > 20 * float(s[0])
+
+
+@pytest.mark.parametrize("bad", [1, 9, 0, 16])
+def test_bits_outside_range_rejected(bad):
+  with pytest.raises(ValueError, match="bits"):
+    observers.minmax(jnp.ones(4), bad)
+  with pytest.raises(ValueError, match="bits"):
+    quant.QuantConfig(w_bits=bad)
+
+
+def test_bad_inputs_have_clear_errors():
+  x = jnp.ones((4, 3))
+  with pytest.raises(ValueError, match="axis 2 is out of range"):
+    observers.minmax(x, 8, axis=2)
+  with pytest.raises(ValueError, match="empty"):
+    observers.minmax(jnp.zeros((0,)), 8)
+  with pytest.raises(ValueError, match="NaN/inf"):
+    observers.mse(jnp.array([1.0, jnp.nan]), 8)
+  qp = observers.minmax(jnp.ones((4, 3)), 8, axis=1)
+  with pytest.raises(ValueError, match="does not match tensor shape"):
+    core.quantize(jnp.ones((4, 5)), qp)
+  model = MLP()
+  params = model.init(_key(0), jnp.ones((2, 16)))["params"]
+  with pytest.raises(ValueError, match="no calibration data"):
+    quant.quantize_model(model, params, [], quant.QuantConfig())
+  with pytest.raises(ValueError, match="NaN/inf"):
+    quant.quantize_model(model, params, [(jnp.full((2, 16), jnp.inf), None)], quant.QuantConfig())
+  with pytest.raises(ValueError, match="unknown observer"):
+    quant.QuantConfig(a_observer="kl")
