@@ -1,0 +1,1 @@
+from tac_jax.data.datasets import digits, load, shapes

@@ -1,0 +1,150 @@
+"""Samplers as pairs of pure functions (init, step), run by one `lax.scan`.
+
+Every step is affine in the current sample and the noise prediction (DESIGN.md s.1):
+
+    x_{k-1} = a_k x_k + b_k eps(x_k, t_k) + sigma_k z_k
+
+`Sampler.coeffs` exposes a_k, b_k, sigma_k and t_k as arrays indexed by scan position
+i = 0..N-1 (i = 0 is step k = N, the noisiest). z_k is drawn from `fold_in(key, i)`, so a
+float run and a quantized run given the same key share every noise draw.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tac_jax.diffusion.schedules import Schedule, timestep_subsequence
+
+ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (variables, x, t) -> eps
+
+
+class StepCoeffs(NamedTuple):
+  t: jax.Array      # [N] int32 timesteps, descending
+  a: jax.Array      # [N]
+  b: jax.Array      # [N]
+  sigma: jax.Array  # [N]
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.t.shape[0])
+
+
+class SamplerState(NamedTuple):
+  x: jax.Array
+  key: jax.Array
+
+
+class Sampler(NamedTuple):
+  """init(x_T, key) -> state; step(state, eps, i) -> state. `state.x` is the sample."""
+  coeffs: StepCoeffs
+  init: Callable[..., Any]
+  step: Callable[..., Any]
+
+
+def step_noise(key, i, shape, dtype=jnp.float32):
+  return jax.random.normal(jax.random.fold_in(key, i), shape, dtype)
+
+
+def affine_sampler(coeffs: StepCoeffs) -> Sampler:
+  """The plain sampler for given coefficients."""
+  stochastic = bool(np.any(np.asarray(coeffs.sigma) > 0))
+
+  def init(x_T, key):
+    return SamplerState(x=x_T, key=key)
+
+  def step(state, eps, i):
+    x = coeffs.a[i] * state.x + coeffs.b[i] * eps
+    if stochastic:
+      x = x + coeffs.sigma[i] * step_noise(state.key, i, x.shape, x.dtype)
+    return SamplerState(x=x, key=state.key)
+
+  return Sampler(coeffs=coeffs, init=init, step=step)
+
+
+def _abar_pairs(schedule: Schedule, num_steps: int, spacing: str):
+  ts = timestep_subsequence(schedule.num_timesteps, num_steps, spacing)
+  abar = schedule.alphas_cumprod
+  abar_t = abar[ts]
+  abar_prev = np.concatenate([abar[ts[1:]], [1.0]])  # final step lands on abar = 1
+  return ts, abar_t, abar_prev
+
+
+def _coeffs(ts, a, b, sigma) -> StepCoeffs:
+  f32 = lambda v: jnp.asarray(np.asarray(v, np.float64), jnp.float32)
+  return StepCoeffs(t=jnp.asarray(ts, jnp.int32), a=f32(a), b=f32(b), sigma=f32(sigma))
+
+
+def ddim_coeffs(schedule: Schedule, num_steps: int, eta: float = 0.0,
+                spacing: str = "uniform") -> StepCoeffs:
+  """DDIM (Song et al.) with stochasticity eta in [0, 1]:
+
+      sigma_k = eta sqrt((1 - abar_{k-1}) / (1 - abar_k)) sqrt(1 - abar_k / abar_{k-1})
+      a_k = sqrt(abar_{k-1} / abar_k)
+      b_k = sqrt(1 - abar_{k-1} - sigma_k^2) - sqrt(abar_{k-1} (1 - abar_k) / abar_k)
+  """
+  if not 0.0 <= eta <= 1.0:
+    raise ValueError(f"eta must be in [0, 1], got {eta}.")
+  ts, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing)
+  sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab)) * np.sqrt(1 - ab / ab_prev)
+  a = np.sqrt(ab_prev / ab)
+  b = np.sqrt(np.maximum(1 - ab_prev - sigma ** 2, 0.0)) - np.sqrt(ab_prev * (1 - ab) / ab)
+  return _coeffs(ts, a, b, sigma)
+
+
+def ddpm_coeffs(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> StepCoeffs:
+  """DDPM ancestral sampling (Ho et al.) on a timestep subsequence, with
+  alpha_k = abar_k / abar_{k-1}, beta_k = 1 - alpha_k and the posterior variance:
+
+      x_{k-1} = (x_k - beta_k / sqrt(1 - abar_k) eps) / sqrt(alpha_k) + sigma_k z,
+      sigma_k^2 = beta_k (1 - abar_{k-1}) / (1 - abar_k)
+  """
+  ts, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing)
+  alpha = ab / ab_prev
+  beta = 1 - alpha
+  a = 1 / np.sqrt(alpha)
+  b = -beta / (np.sqrt(alpha) * np.sqrt(1 - ab))
+  sigma = np.sqrt(beta * (1 - ab_prev) / (1 - ab))
+  return _coeffs(ts, a, b, sigma)
+
+
+def ddim(schedule: Schedule, num_steps: int, eta: float = 0.0, spacing: str = "uniform") -> Sampler:
+  return affine_sampler(ddim_coeffs(schedule, num_steps, eta, spacing))
+
+
+def ddpm(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> Sampler:
+  return affine_sampler(ddpm_coeffs(schedule, num_steps, spacing))
+
+
+def make_sampler(name: str, schedule: Schedule, num_steps: int, eta: float = 0.0,
+                 spacing: str = "uniform") -> Sampler:
+  if name == "ddim":
+    return ddim(schedule, num_steps, eta, spacing)
+  if name == "ddpm":
+    return ddpm(schedule, num_steps, spacing)
+  raise ValueError(f"unknown sampler {name!r}; choose 'ddim' or 'ddpm'.")
+
+
+def batch_timestep(t, x):
+  return jnp.full((x.shape[0],), t, jnp.int32)
+
+
+def sample(apply_fn: ApplyFn, variables, sampler: Sampler, x_T: jax.Array, key: jax.Array,
+           return_trajectory: bool = False) -> Tuple[Any, Optional[jax.Array]]:
+  """Runs the sampler with one `lax.scan`. Returns (final state, trajectory or None).
+
+  The trajectory holds x at the *input* of every step, [N, *x.shape] (so traj[0] = x_T).
+  """
+  coeffs = sampler.coeffs
+
+  def body(state, i):
+    x = state.x
+    eps = apply_fn(variables, x, batch_timestep(coeffs.t[i], x))
+    new = sampler.step(state, eps, i)
+    return new, (x if return_trajectory else None)
+
+  state, traj = jax.lax.scan(body, sampler.init(x_T, key), jnp.arange(coeffs.num_steps))
+  return state, traj

@@ -1,0 +1,69 @@
+"""Noise schedules (abar_t) and timestep subsequences for few-step sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+SCHEDULES = ("linear", "cosine")
+SPACINGS = ("uniform", "quadratic")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Schedule:
+  """A discrete forward process: betas[t] and abar[t] = prod_{s<=t} (1 - betas[s])."""
+  name: str
+  betas: np.ndarray
+
+  @property
+  def num_timesteps(self) -> int:
+    return int(self.betas.shape[0])
+
+  @property
+  def alphas_cumprod(self) -> np.ndarray:
+    return np.cumprod(1.0 - self.betas)
+
+  def check_timesteps(self, t) -> np.ndarray:
+    t = np.asarray(t)
+    if t.size and (t.min() < 0 or t.max() >= self.num_timesteps):
+      raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}] for this "
+                       f"{self.name} schedule, got range [{t.min()}, {t.max()}].")
+    return t
+
+
+def make_schedule(name: str = "linear", num_timesteps: int = 1000, beta_start: float = 1e-4,
+                  beta_end: float = 0.02, cosine_s: float = 8e-3) -> Schedule:
+  """`linear` (DDPM, Ho et al.) or `cosine` (Nichol & Dhariwal) schedule, float64."""
+  if num_timesteps < 2:
+    raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}.")
+  if name == "linear":
+    betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+  elif name == "cosine":
+    s = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    f = np.cos((s + cosine_s) / (1 + cosine_s) * np.pi / 2) ** 2
+    betas = np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+  else:
+    raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}.")
+  return Schedule(name=name, betas=betas)
+
+
+def timestep_subsequence(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:
+  """Descending distinct timesteps t_N > ... > t_1 for an N-step sampler.
+
+  `uniform` spaces them evenly over [0, T-1]; `quadratic` (DDIM paper) crowds them near
+  t = 0 where the images gain detail.
+  """
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}.")
+  if spacing == "uniform":
+    ts = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
+  elif spacing == "quadratic":
+    ts = np.round(np.linspace(0, np.sqrt((num_timesteps - 1)), num_steps) ** 2).astype(np.int64)
+  else:
+    raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}.")
+  ts = np.unique(ts)
+  if ts.size != num_steps:
+    raise ValueError(f"{spacing} spacing gives only {ts.size} distinct timesteps for "
+                     f"num_steps={num_steps}; use uniform spacing or fewer steps.")
+  return ts[::-1].copy()

@@ -1,0 +1,135 @@
+"""Training loop for the eps-prediction UNet: optax AdamW, EMA, resumable orbax checkpoints.
+
+    loss = E_{x0, t, noise} || eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, t) - noise ||^2
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from tac_jax import checkpoint as ckpt_lib
+from tac_jax import data as data_lib
+from tac_jax.diffusion.schedules import make_schedule
+from tac_jax.models.unet import UNetConfig, init_unet
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def model_config(config: ml_collections.ConfigDict) -> UNetConfig:
+  return UNetConfig.from_dict(config.model.to_dict())
+
+
+def schedule_from_config(config: ml_collections.ConfigDict):
+  s = config.schedule
+  return make_schedule(s.name, s.num_timesteps, s.beta_start, s.beta_end)
+
+
+def load_training_data(config: ml_collections.ConfigDict) -> np.ndarray:
+  d = config.data
+  sets = [data_lib.load(d.name, size=config.model.sample_size, seed=config.seed + k)
+          for k in range(d.get("num_color_seeds", 1))]
+  return np.concatenate(sets)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optim
+  lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps,
+                                          max(config.num_train_steps, o.warmup_steps + 1),
+                                          end_value=o.learning_rate * 0.05)
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                     optax.adamw(lr, weight_decay=o.weight_decay))
+
+
+def diffusion_loss(apply_fn, params, schedule_abar, x0, key):
+  kt, kn = jax.random.split(key)
+  t = jax.random.randint(kt, (x0.shape[0],), 0, schedule_abar.shape[0])
+  noise = jax.random.normal(kn, x0.shape)
+  ab = schedule_abar[t][:, None, None, None]
+  x_t = jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * noise
+  return jnp.mean((apply_fn({"params": params}, x_t, t) - noise) ** 2)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          export_dir: Optional[str] = None) -> Dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds checkpoints); exports EMA params.
+
+  Returns {'params': ema params, 'module': module, 'losses': [(step, loss)]}.
+  """
+  cfg_model = model_config(config)
+  schedule = schedule_from_config(config)
+  abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+  data = load_training_data(config)
+  if data.shape[1:] != (cfg_model.sample_size, cfg_model.sample_size, cfg_model.in_channels):
+    raise ValueError(f"data shape {data.shape[1:]} does not match the model config "
+                     f"({cfg_model.sample_size}, {cfg_model.sample_size}, {cfg_model.in_channels}).")
+  key = jax.random.key(config.seed)
+  key, init_key = jax.random.split(key)
+  module, params = init_unet(cfg_model, init_key)
+  tx = make_optimizer(config)
+  state = TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params))
+
+  workdir = os.path.abspath(workdir)
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  if manager.latest_step() is not None:
+    step = manager.latest_step()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+    state = TrainState(*restored["state"])
+    logging.info("resumed from %s at step %d", workdir, step)
+    print(f"resumed from step {step}", flush=True)
+
+  ema_decay = config.optim.ema_decay
+
+  @jax.jit
+  def train_step(state: TrainState, x0, key):
+    loss, grads = jax.value_and_grad(
+        lambda p: diffusion_loss(module.apply, p, abar, x0, key))(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+    return TrainState(state.step + 1, params, ema, opt_state), loss
+
+  rng = np.random.default_rng(config.seed)
+  start = int(state.step)
+  for _ in range(start):  # keep the data order identical when resuming
+    rng.integers(0, data.shape[0], config.batch_size)
+  losses, window, t0 = [], [], time.time()
+  for step in range(start, config.num_train_steps):
+    idx = rng.integers(0, data.shape[0], config.batch_size)
+    state, loss = train_step(state, jnp.asarray(data[idx]), jax.random.fold_in(key, step))
+    window.append(loss)
+    done = step + 1
+    if done % config.log_every == 0 or done == config.num_train_steps:
+      mean_loss = float(jnp.mean(jnp.stack(window)))
+      rate = len(window) / (time.time() - t0)
+      losses.append((done, mean_loss))
+      print(f"step {done}/{config.num_train_steps}  loss {mean_loss:.4f}  {rate:.1f} steps/s",
+            flush=True)
+      window, t0 = [], time.time()
+    if done % config.checkpoint_every == 0 or done == config.num_train_steps:
+      manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  manager.wait_until_finished()
+  meta = {"model": cfg_model.to_dict(), "schedule": config.schedule.to_dict(),
+          "data": config.data.to_dict(), "train_steps": int(state.step), "seed": config.seed}
+  if export_dir:
+    ckpt_lib.save_model(export_dir, state.ema_params, meta)
+    print(f"exported EMA params to {export_dir}", flush=True)
+  return {"params": state.ema_params, "module": module, "losses": losses, "meta": meta}

@@ -1,0 +1,186 @@
+"""Diffusion core: schedules, samplers, UNet, data, training and checkpoints."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from tac_jax import checkpoint as ckpt_lib
+from tac_jax import data as data_lib
+from tac_jax import train as train_lib
+from tac_jax.diffusion import samplers, schedules
+from tac_jax.models import UNet, UNetConfig, init_unet
+
+TINY = UNetConfig(sample_size=8, block_out_channels=(8, 16), attention_levels=(1,),
+                  attention_head_dim=16, norm_num_groups=4)
+
+
+def test_ddim_step_matches_closed_formula():
+  sched = schedules.make_schedule("linear", 1000)
+  s = samplers.ddim(sched, 10)
+  x = jax.random.normal(jax.random.key(0), (2, 4))
+  eps = jax.random.normal(jax.random.key(1), (2, 4))
+  ab = sched.alphas_cumprod
+  for i in [0, 4, 9]:
+    t = int(s.coeffs.t[i])
+    ab_t, ab_prev = ab[t], (ab[int(s.coeffs.t[i + 1])] if i < 9 else 1.0)
+    x0_hat = (x - np.sqrt(1 - ab_t) * eps) / np.sqrt(ab_t)
+    want = np.sqrt(ab_prev) * x0_hat + np.sqrt(1 - ab_prev) * eps
+    got = s.step(s.init(x, jax.random.key(2)), eps, i).x
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_ddpm_equals_ddim_with_eta_one(name):
+  sched = schedules.make_schedule(name, 1000)
+  c1, c2 = samplers.ddpm_coeffs(sched, 25), samplers.ddim_coeffs(sched, 25, eta=1.0)
+  for a, b in zip(c1, c2):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _gaussian_oracle(sched, mu, std):
+  ab = jnp.asarray(sched.alphas_cumprod, jnp.float32)
+
+  def apply_fn(_, x, t):
+    a = ab[t][:, None]
+    return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * mu) / (a * std ** 2 + 1 - a)
+
+  return apply_fn
+
+
+@pytest.mark.parametrize("sampler_name", ["ddim", "ddpm"])
+def test_exact_oracle_recovers_gaussian_data(sampler_name):
+  sched = schedules.make_schedule("linear", 1000)
+  mu, std = jnp.array([0.5, -0.3]), jnp.array([0.2, 0.6])
+  # DDIM (an ODE solver) is accurate in 100 steps; ancestral DDPM needs the full chain.
+  steps = 100 if sampler_name == "ddim" else 1000
+  sampler = samplers.make_sampler(sampler_name, sched, steps)
+  x_T = jax.random.normal(jax.random.key(0), (8192, 2))
+  state, traj = jax.jit(lambda x: samplers.sample(_gaussian_oracle(sched, mu, std), None, sampler,
+                                                  x, jax.random.key(1), True))(x_T)
+  x0 = state.x
+  assert traj.shape == (steps, 8192, 2)
+  np.testing.assert_array_equal(traj[0], x_T)
+  np.testing.assert_allclose(jnp.mean(x0, 0), mu, atol=0.03)
+  np.testing.assert_allclose(jnp.std(x0, 0), std, rtol=0.06)
+
+
+def test_shared_noise_makes_stochastic_runs_identical():
+  sched = schedules.make_schedule("linear", 1000)
+  sampler = samplers.ddpm(sched, 10)
+  oracle = _gaussian_oracle(sched, jnp.zeros(2), jnp.ones(2))
+  x_T = jax.random.normal(jax.random.key(0), (4, 2))
+  a = samplers.sample(oracle, None, sampler, x_T, jax.random.key(5))[0].x
+  b = samplers.sample(oracle, None, sampler, x_T, jax.random.key(5))[0].x
+  c = samplers.sample(oracle, None, sampler, x_T, jax.random.key(6))[0].x
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+
+
+def test_timestep_spacing():
+  u = schedules.timestep_subsequence(1000, 10, "uniform")
+  q = schedules.timestep_subsequence(1000, 10, "quadratic")
+  assert u[0] == 999 and u[-1] == 0 and np.all(np.diff(u) < 0)
+  assert np.all(np.diff(q) < 0) and q[-2] < u[-2]  # quadratic crowds steps near t = 0
+
+
+@pytest.mark.parametrize("cfg", [
+    TINY,
+    UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8, 16),
+               layers_per_block=2, attention_levels=(), norm_num_groups=4, mid_attention=False),
+])
+def test_unet_shapes_and_time_dependence(cfg):
+  model, params = init_unet(cfg, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (2, cfg.sample_size, cfg.sample_size, cfg.in_channels))
+  y1 = model.apply({"params": params}, x, jnp.array([10, 10]))
+  y2 = model.apply({"params": params}, x, jnp.array([900, 900]))
+  assert y1.shape == x.shape[:3] + (cfg.out_channels,)
+  assert float(jnp.max(jnp.abs(y1 - y2))) > 1e-4
+
+
+def test_unet_uses_diffusers_names():
+  _, params = init_unet(TINY, jax.random.key(0))
+  assert set(params) >= {"conv_in", "time_embedding", "down_blocks_0", "down_blocks_1",
+                         "mid_block", "up_blocks_0", "up_blocks_1", "conv_norm_out", "conv_out"}
+  assert set(params["down_blocks_1"]["attentions_0"]) == {"group_norm", "to_q", "to_k", "to_v",
+                                                         "to_out_0"}
+  assert "downsamplers_0" in params["down_blocks_0"] and "upsamplers_0" in params["up_blocks_0"]
+
+
+def test_bad_inputs_have_clear_errors():
+  model, params = init_unet(TINY, jax.random.key(0))
+  with pytest.raises(ValueError, match="expects images of shape"):
+    model.apply({"params": params}, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32))
+  with pytest.raises(ValueError, match="unknown schedule"):
+    schedules.make_schedule("sigmoid")
+  sched = schedules.make_schedule("linear", 1000)
+  with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
+    sched.check_timesteps([1000])
+  with pytest.raises(ValueError, match="num_steps"):
+    samplers.ddim(sched, 2000)
+  with pytest.raises(ValueError, match="unknown sampler"):
+    samplers.make_sampler("euler", sched, 10)
+  with pytest.raises(ValueError, match="divisible"):
+    UNetConfig(block_out_channels=(10, 20), norm_num_groups=4)
+
+
+def test_data_sets_are_deterministic_and_in_range():
+  d1, d2 = data_lib.digits(size=16, seed=3), data_lib.digits(size=16, seed=3)
+  np.testing.assert_array_equal(d1, d2)
+  assert d1.shape == (1797, 16, 16, 3) and d1.min() >= -1 and d1.max() <= 1
+  s = data_lib.shapes(num=16, size=16, seed=1)
+  np.testing.assert_array_equal(s, data_lib.shapes(num=16, size=16, seed=1))
+  assert s.shape == (16, 16, 16, 3) and s.min() >= -1 and s.max() <= 1
+
+
+def _tiny_train_config(steps):
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(TINY.to_dict())
+  c.schedule = ml_collections.ConfigDict(dict(name="linear", num_timesteps=1000,
+                                              beta_start=1e-4, beta_end=0.02))
+  c.data = ml_collections.ConfigDict(dict(name="digits", num_color_seeds=1))
+  c.optim = ml_collections.ConfigDict(dict(learning_rate=3e-3, warmup_steps=5, weight_decay=0.0,
+                                           grad_clip=1.0, ema_decay=0.9))
+  c.batch_size = 16
+  c.num_train_steps = steps
+  c.log_every = 10
+  c.checkpoint_every = 20
+  return c
+
+
+def test_training_lowers_loss_resumes_and_round_trips(tmp_path):
+  out = train_lib.train(_tiny_train_config(60), str(tmp_path / "work"),
+                        export_dir=str(tmp_path / "model"))
+  losses = [l for _, l in out["losses"]]
+  assert losses[-1] < 0.7 * losses[0]
+  module, params, meta = ckpt_lib.load_model(str(tmp_path / "model"))
+  jax.tree.map(np.testing.assert_array_equal, params, out["params"])
+  assert meta["train_steps"] == 60 and UNetConfig.from_dict(meta["model"]) == TINY
+  # Resuming from the step-60 checkpoint continues the step count.
+  out2 = train_lib.train(_tiny_train_config(70), str(tmp_path / "work"))
+  assert out2["losses"][0][0] == 70
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    ckpt_lib.load_model(str(tmp_path / "nope"))
+  _, params = init_unet(TINY, jax.random.key(0))
+  d = str(tmp_path / "m")
+  ckpt_lib.save_model(d, params, {"model": TINY.to_dict()})
+  with open(os.path.join(d, "model.json"), "w") as f:
+    f.write("{not json")
+  with pytest.raises(ValueError, match="not valid JSON"):
+    ckpt_lib.load_model(d)
+  os.remove(os.path.join(d, "model.json"))
+  with pytest.raises(FileNotFoundError, match="model.json is missing"):
+    ckpt_lib.load_model(d)
+  other = UNetConfig(sample_size=8, block_out_channels=(16, 16), attention_levels=(),
+                     norm_num_groups=4)
+  ckpt_lib.write_json_atomic(os.path.join(d, "model.json"), {"model": other.to_dict()})
+  with pytest.raises(ValueError, match="do not match the model config"):
+    ckpt_lib.load_model(d)
