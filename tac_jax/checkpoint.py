@@ -14,9 +14,10 @@ import tempfile
 from typing import Any, Dict, Tuple
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from tac_jax.models.unet import UNetConfig, init_unet
+from tac_jax.models.unet import UNet, UNetConfig
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -70,8 +71,9 @@ def load_model(directory: str) -> Tuple[Any, Any, Dict[str, Any]]:
   """Returns (module, params, meta). Clear errors for missing / corrupt / mismatched files."""
   meta = load_meta(directory)
   config = UNetConfig.from_dict(meta["model"])
-  module, template = init_unet(config, jax.random.key(0))
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+  module = UNet(config)
+  x = jnp.zeros((1, config.sample_size, config.sample_size, config.in_channels))
+  abstract = jax.eval_shape(module.init, jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
   path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"corrupt checkpoint: {path} is missing.")

@@ -104,7 +104,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         lambda p: diffusion_loss(module.apply, p, abar, x0, key))(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+    # EMA with warm-up: early averages must not keep a share of the random init.
+    step = state.step.astype(jnp.float32)
+    decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+    ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
     return TrainState(state.step + 1, params, ema, opt_state), loss
 
   rng = np.random.default_rng(config.seed)

@@ -204,8 +204,9 @@ def observing_interceptor(sample_size: int) -> Callable:
     module = context.module
     if context.method_name == "__call__" and is_quantizable(module):
       flat = jnp.ravel(args[0]).astype(jnp.float32)
-      k = min(sample_size, flat.shape[0])
-      idx = (jnp.arange(k) * flat.shape[0]) // k
+      # Always `sample_size` values (repeating when the tensor is smaller), so every
+      # layer's statistics have one shape and the range fits compile once.
+      idx = (jnp.arange(sample_size) * flat.shape[0]) // sample_size
       module.sow(STATS_COLLECTION, "x", (jnp.min(flat), jnp.max(flat), flat[idx]))
     return next_fun(*args, **kwargs)
 

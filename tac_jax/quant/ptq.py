@@ -51,7 +51,6 @@ def select_layers(layers: Mapping[str, str], config: QuantConfig) -> Dict[str, L
 
 def quantize_weight(kernel: jax.Array, spec: LayerSpec, config: QuantConfig) -> Dict[str, jax.Array]:
   """Integer weights, per-output-channel scales and integer column sums for one layer."""
-  observers.check_calibration_data(kernel, "layer weight")
   axis = kernel.ndim - 1 if config.w_per_channel else None
   observer = observers.get_observer(config.w_observer)
   qp = observer(kernel, spec.w_bits, axis, True)
@@ -76,11 +75,17 @@ class QuantizedModel:
   num_timesteps: int
 
   def apply_fn(self, mode: str = "fake") -> Callable:
-    """Pure `apply(variables, x, t)` for `mode` in {'fake', 'int'} (cached per mode)."""
-    return _apply_fn(self, mode)
+    """Pure `apply(variables, x, t)` for `mode` in {'fake', 'int'}.
+
+    Models with the same module, layer specs and activation handling share one function
+    object (whatever their observers), so jitted code keyed on it compiles once.
+    """
+    c = self.config
+    return _apply_fn(self.module, tuple(sorted(self.specs.items())), c.a_dynamic,
+                     c.time_groups, self.num_timesteps, mode)
 
   def __call__(self, x, t=None, mode: str = "fake"):
-    return _jitted_apply_fn(self, mode)(self.variables, x, t)
+    return _jit(self.apply_fn(mode))(self.variables, x, t)
 
   def memory_report(self, float_params: Params) -> Dict[str, int]:
     """Bytes of the float model vs this model, and of the quantized layers alone."""
@@ -98,21 +103,30 @@ class QuantizedModel:
     }
 
 
-@functools.lru_cache(maxsize=None)
-def _apply_fn(qmodel: QuantizedModel, mode: str) -> Callable:
-  module, specs, config, T = qmodel.module, qmodel.specs, qmodel.config, qmodel.num_timesteps
+_APPLY_FNS: Dict[Any, Callable] = {}
+
+
+def _apply_fn(module, specs: Tuple[Tuple[str, LayerSpec], ...], a_dynamic: bool, time_groups: int,
+              num_timesteps: int, mode: str) -> Callable:
+  key = (id(module), specs, a_dynamic, time_groups, num_timesteps, mode)
+  if key in _APPLY_FNS:
+    return _APPLY_FNS[key][1]
+  spec_map = dict(specs)
+  # The interceptor only reads a_dynamic from the config; bits come from the specs.
+  config = QuantConfig(a_dynamic=a_dynamic, time_groups=time_groups)
 
   def apply(variables, x, t=None):
-    group = 0 if t is None else time_group(t, T, config.time_groups)
-    with nn.intercept_methods(quantizing_interceptor(specs, config, mode, group)):
+    group = 0 if t is None else time_group(t, num_timesteps, time_groups)
+    with nn.intercept_methods(quantizing_interceptor(spec_map, config, mode, group)):
       return _call(module, variables, x, t)
 
+  _APPLY_FNS[key] = (module, apply)  # keeps `module` alive so its id stays unique
   return apply
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_apply_fn(qmodel: QuantizedModel, mode: str) -> Callable:
-  return jax.jit(_apply_fn(qmodel, mode))
+def _jit(fn: Callable) -> Callable:
+  return jax.jit(fn)
 
 
 def _check_calibration(calib: Sequence[CalibBatch]) -> List[CalibBatch]:
@@ -195,11 +209,13 @@ def quantize_model(module: nn.Module, params: Params, calib: Iterable[CalibBatch
     raise ValueError(f"QuantConfig selects none of the model's layers {sorted(layers)}; "
                      "check include/exclude.")
   flat = traverse_util.flatten_dict(params, sep="/")
-  quant: Dict[str, Any] = {}
-  for path, spec in list(specs.items()):
-    kernel = flat[f"{path}/kernel"]
-    specs[path] = dataclasses.replace(spec, out_features=int(kernel.shape[-1]))
-    quant[path] = quantize_weight(kernel, specs[path], config)
+  kernels = {path: flat[f"{path}/kernel"] for path in specs}
+  for path, kernel in kernels.items():
+    observers.check_calibration_data(kernel, f"weight of layer {path}")
+    specs[path] = dataclasses.replace(specs[path], out_features=int(kernel.shape[-1]))
+  # One compiled program for all layers (eager per-layer ops would compile per shape).
+  quant: Dict[str, Any] = jax.jit(
+      lambda ks: {p: quantize_weight(k, specs[p], config) for p, k in ks.items()})(kernels)
   if not config.a_dynamic:
     stats = collect_activation_stats(module, params, calib, config, num_timesteps)
     for path, r in fit_activation_ranges(stats, specs, config).items():

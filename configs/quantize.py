@@ -1,0 +1,28 @@
+"""The main job: W8A8 / W4A8 / W4A4 PTQ of the embedded default model, + TCEC and baselines."""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.checkpoint = ""                 # model directory; "" = the embedded default model
+  c.seed = 0                        # calibration and evaluation noise derive from this
+  c.sampler = "ddim"                # 'ddim' or 'ddpm'
+  c.num_steps = 20
+  c.eta = 0.0
+  c.spacing = "uniform"
+  c.num_calib = 64                  # calibration seeds (PTQ ranges and TCEC fits)
+  c.num_eval = 64                   # held-out evaluation seeds
+  c.settings = "W8A8,W4A8,W4A4"
+  c.observers = "minmax,mse"        # PTQ observers (weights and activations)
+  c.variants = "none,ptqd,per_step,tcec"
+  c.int_path = True                 # also evaluate the int8 x int8 -> int32 path
+  c.timing_repeats = 5              # 0 disables the overhead measurement
+  c.quant = ml_collections.ConfigDict(dict(
+      w_per_channel=True,
+      a_symmetric=False,
+      time_groups=1,
+      # First / last / time-embedding layers stay at W8A8 (as in Q-Diffusion, PTQD).
+      keep_8bit=r"^(conv_in|conv_out|time_embedding/.*)$",
+      exclude=r"^$"))
+  return c

@@ -1,0 +1,24 @@
+"""The main job: PTQ + error-propagation analysis + TCEC on a diffusion UNet.
+
+  python experiments/quantize.py --outdir=runs/main
+  python experiments/quantize.py --config.settings=W4A4 --config.observers=mse --outdir=runs/w4a4
+  python experiments/quantize.py --config.checkpoint=path/to/model_dir
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tac_jax import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/quantize.py", "Main job config.")
+_OUTDIR = flags.DEFINE_string("outdir", "runs/main", "Results, grids and plots go here.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  pipeline.run(_CONFIG.value, _OUTDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+from tac_jax.metrics.image import psnr, ssim
