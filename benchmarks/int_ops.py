@@ -19,6 +19,17 @@ DOT_SHAPES = [(64 * 256, 32, 32), (64 * 64, 64, 64), (32 * 64, 256, 256), (64, 1
 CONV_SHAPES = [(32, 16, 16, 32, 32), (32, 8, 8, 64, 64), (16, 32, 32, 64, 64)]  # N,H,W,Cin,Cout
 
 
+def cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def _median_time(fn, *args, repeats):
   jax.block_until_ready(fn(*args))
   ts = []
@@ -52,11 +63,11 @@ def operands(shape_a, shape_b, dtype, key):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--repeats", type=int, default=50)
   args = parser.parse_args()
   dev = jax.devices()[0]
   print(f"device: {dev.platform} ({dev.device_kind}), {jax.device_count()} device(s); "
-        f"host {platform.processor() or platform.machine()}; jax {jax.__version__}")
+        f"host {cpu_name()}; jax {jax.__version__}")
   dtypes = [("float32", jnp.float32), ("bfloat16", jnp.bfloat16), ("int8", jnp.int8)]
   print("| op | shape | float32 (ms) | bfloat16 / float32 | int8->int32 / float32 |")
   print("|---|---|---|---|---|")

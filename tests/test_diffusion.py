@@ -126,6 +126,8 @@ def test_bad_inputs_have_clear_errors():
     samplers.make_sampler("euler", sched, 10)
   with pytest.raises(ValueError, match="divisible"):
     UNetConfig(block_out_channels=(10, 20), norm_num_groups=4)
+  with pytest.raises(ValueError, match=r"unknown UNetConfig fields \['channels'\]"):
+    UNetConfig.from_dict({"channels": 32})
 
 
 def test_data_sets_are_deterministic_and_in_range():

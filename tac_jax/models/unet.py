@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tac_jax import config_utils
+
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
@@ -46,11 +48,7 @@ class UNetConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-      raise ValueError(f"unknown UNet config fields {sorted(unknown)}; known: {sorted(names)}.")
-    return cls(**dict(d))
+    return config_utils.from_dict(cls, d)
 
   def to_dict(self):
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

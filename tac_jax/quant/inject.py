@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tac_jax import config_utils
 from tac_jax.quant import core
 from tac_jax.quant import int_ops
 from tac_jax.quant import observers
@@ -68,11 +69,7 @@ class QuantConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-      raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(names)}.")
-    return cls(**dict(d))
+    return config_utils.from_dict(cls, d)
 
   @property
   def name(self) -> str:
