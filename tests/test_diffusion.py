@@ -1,5 +1,6 @@
 """Diffusion core: schedules, samplers, UNet, data, training and checkpoints."""
 
+import functools
 import json
 import os
 
@@ -17,6 +18,12 @@ from tac_jax.models import UNet, UNetConfig, init_unet
 
 TINY = UNetConfig(sample_size=8, block_out_channels=(8, 16), attention_levels=(1,),
                   attention_head_dim=16, norm_num_groups=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _init(cfg: UNetConfig):
+  """init_unet once per config for the whole module (compiling init is the slow part)."""
+  return init_unet(cfg, jax.random.key(0))
 
 
 def test_ddim_step_matches_closed_formula():
@@ -94,16 +101,17 @@ def test_timestep_spacing():
                layers_per_block=2, attention_levels=(), norm_num_groups=4, mid_attention=False),
 ])
 def test_unet_shapes_and_time_dependence(cfg):
-  model, params = init_unet(cfg, jax.random.key(0))
+  model, params = _init(cfg)
   x = jax.random.normal(jax.random.key(1), (2, cfg.sample_size, cfg.sample_size, cfg.in_channels))
-  y1 = model.apply({"params": params}, x, jnp.array([10, 10]))
-  y2 = model.apply({"params": params}, x, jnp.array([900, 900]))
+  apply = jax.jit(model.apply)
+  y1 = apply({"params": params}, x, jnp.array([10, 10]))
+  y2 = apply({"params": params}, x, jnp.array([900, 900]))
   assert y1.shape == x.shape[:3] + (cfg.out_channels,)
   assert float(jnp.max(jnp.abs(y1 - y2))) > 1e-4
 
 
 def test_unet_uses_diffusers_names():
-  _, params = init_unet(TINY, jax.random.key(0))
+  _, params = _init(TINY)
   assert set(params) >= {"conv_in", "time_embedding", "down_blocks_0", "down_blocks_1",
                          "mid_block", "up_blocks_0", "up_blocks_1", "conv_norm_out", "conv_out"}
   assert set(params["down_blocks_1"]["attentions_0"]) == {"group_norm", "to_q", "to_k", "to_v",
@@ -112,7 +120,7 @@ def test_unet_uses_diffusers_names():
 
 
 def test_bad_inputs_have_clear_errors():
-  model, params = init_unet(TINY, jax.random.key(0))
+  model, params = _init(TINY)
   with pytest.raises(ValueError, match="expects images of shape"):
     model.apply({"params": params}, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32))
   with pytest.raises(ValueError, match="unknown schedule"):
@@ -171,7 +179,7 @@ def test_training_lowers_loss_resumes_and_round_trips(tmp_path):
 def test_missing_and_corrupt_checkpoints(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     ckpt_lib.load_model(str(tmp_path / "nope"))
-  _, params = init_unet(TINY, jax.random.key(0))
+  _, params = _init(TINY)
   d = str(tmp_path / "m")
   ckpt_lib.save_model(d, params, {"model": TINY.to_dict()})
   with open(os.path.join(d, "model.json"), "w") as f:

@@ -217,3 +217,6 @@ def test_bad_inputs_have_clear_errors():
     quant.quantize_model(model, params, [(jnp.full((2, 16), jnp.inf), None)], quant.QuantConfig())
   with pytest.raises(ValueError, match="unknown observer"):
     quant.QuantConfig(a_observer="kl")
+  with pytest.raises(ValueError, match=r"timestep 1000 outside the schedule \[0, 999\]"):
+    quant.quantize_model(model, params, [(jnp.ones((2, 16)), 1000)], quant.QuantConfig(),
+                         num_timesteps=1000)

@@ -129,12 +129,19 @@ def _jit(fn: Callable) -> Callable:
   return jax.jit(fn)
 
 
-def _check_calibration(calib: Sequence[CalibBatch]) -> List[CalibBatch]:
+def _check_calibration(calib: Sequence[CalibBatch],
+                       num_timesteps: Optional[int] = None) -> List[CalibBatch]:
   calib = list(calib)
   if not calib:
     raise ValueError("no calibration data: pass at least one (x, t) batch.")
-  for i, (x, _) in enumerate(calib):
+  for i, (x, t) in enumerate(calib):
     observers.check_calibration_data(x, f"calibration batch {i}")
+    if t is not None and num_timesteps is not None:
+      bad = [v for v in np.ravel(t) if not 0 <= v < num_timesteps]
+      if bad:
+        raise ValueError(f"calibration batch {i} has timestep {bad[0]} outside the schedule "
+                         f"[0, {num_timesteps - 1}]; pass num_timesteps matching the model's "
+                         "schedule.")
   return calib
 
 
@@ -201,7 +208,7 @@ def quantize_model(module: nn.Module, params: Params, calib: Iterable[CalibBatch
     config: what to quantize.
     num_timesteps: the diffusion T, used to map t to its activation-range group.
   """
-  calib = _check_calibration(calib)
+  calib = _check_calibration(calib, num_timesteps)
   x0, t0 = calib[0]
   layers = list_layers(module, {"params": params}, *((x0,) if t0 is None else (x0, t0)))
   specs = select_layers(layers, config)
