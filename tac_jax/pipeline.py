@@ -172,6 +172,110 @@ def quant_config(config, w_bits: int, a_bits: int, observer: str) -> quant.Quant
                            time_groups=q.time_groups, keep_8bit=q.keep_8bit, exclude=q.exclude)
 
 
+@dataclasses.dataclass
+class _Context:
+  """What every setting of one run shares (model, sampler, seeds, float reference)."""
+  config: Any
+  log: Progress
+  module: Any
+  params: Any
+  sampler: samplers.Sampler
+  jitted: Jitted
+  comp_only: Callable
+  calib: List[Any]
+  x_cal: jax.Array
+  key_cal: jax.Array
+  x_eval: jax.Array
+  key_eval: jax.Array
+  x_fp: jax.Array
+  fp_out: jax.Array
+  num_timesteps: int
+  variants: List[str]
+  best: str
+  samples: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List[Dict[str, Any]]:
+  """PTQ, propagation analysis, calibration of every variant and evaluation of one setting."""
+  config, sampler, log = ctx.config, ctx.sampler, ctx.log
+  c = sampler.coeffs
+  N, C = c.num_steps, ctx.x_eval.shape[-1]
+  var_fp = {"params": ctx.params}
+  w_bits, a_bits = SETTINGS[setting]
+  tag = f"{setting}_{obs}"
+  qm = quant.quantize_model(ctx.module, ctx.params, ctx.calib,
+                            quant_config(config, w_bits, a_bits, obs), ctx.num_timesteps)
+  mem = qm.memory_report(ctx.params)
+  fq = qm.apply_fn("fake")
+  log(f"{tag}: PTQ done ({len(qm.specs)} layers, weights {mem['layers_float32'] / 1e6:.2f} MB"
+      f" float -> {mem['layers_stored'] / 1e6:.2f} MB)")
+
+  trace_cal = ctx.jitted.joint(fq, var_fp, qm.variables, ctx.x_cal, ctx.key_cal)
+  phi = propagation.fit_channel_gains(trace_cal, c.a, c.b)
+  trace = ctx.jitted.joint(fq, var_fp, qm.variables, ctx.x_eval, ctx.key_eval)
+  report = propagation.propagation_report(trace, c.a, c.b, phi)
+  log(f"{tag}: propagation model: final error RMS {report['measured_rms'][-1]:.4f}, closed "
+      f"form corr {np.mean(report['closed_form_corr'][1:]):.3f}")
+
+  fitted = {}
+  for v in ctx.variants:
+    fit = errors.get_fit_config(v)
+    if fit is None:
+      fitted[v] = errors.zero_params(N, C, c.t, phi)
+      continue
+    fitted[v] = ctx.jitted.calibrate(fq, fit, var_fp, qm.variables, ctx.x_cal, ctx.key_cal, phi)
+    if not bool(jnp.all(jnp.isfinite(fitted[v].K)) & jnp.all(jnp.isfinite(fitted[v].beta))):
+      raise ValueError(f"{tag}/{v}: calibration produced NaN/inf parameters.")
+  log(f"{tag}: calibrated {', '.join(v for v in ctx.variants if v != 'none')}")
+
+  modes = ["fake", "int"] if config.int_path else ["fake"]
+  entries = []
+  for v in ctx.variants:
+    entry = {"setting": setting, "observer": obs, "variant": v, "memory_bytes": mem}
+    for mode in modes:
+      x_q, traj_q, _ = ctx.jitted.run(qm.apply_fn(mode), qm.variables, fitted[v], ctx.x_eval,
+                                      ctx.key_eval)
+      entry[f"psnr_{mode}"] = _stats(metrics.psnr(x_q, ctx.x_fp))
+      entry[f"ssim_{mode}"] = _stats(metrics.ssim(x_q, ctx.x_fp))
+      if mode == "fake":
+        ctx.samples[(tag, v)] = x_q
+        q_out = jnp.concatenate([traj_q[1:], x_q[None]])
+        entry["error_rms_per_step"] = _rms_per_step(q_out - ctx.fp_out).tolist()
+    if v == "none":
+      entry["propagation"] = {k: a.tolist() for k, a in report.items()}
+    entries.append(entry)
+  by_variant = {e["variant"]: e for e in entries}
+  if timed and config.timing_repeats > 0:
+    timing = measure_overhead(qm.apply_fn(modes[-1]), sampler, qm.variables, fitted[ctx.best],
+                              ctx.x_eval, ctx.key_eval, config.timing_repeats, ctx.comp_only)
+    timing["mode"] = modes[-1]
+    by_variant[ctx.best]["timing"] = timing  # every variant does the same work
+    log(f"{tag}: overhead {100 * timing['overhead_ab']:+.2f}% (A/B), "
+        f"{100 * timing['overhead_ops']:.3f}% (compensation ops alone), {modes[-1]} path")
+  line = ", ".join(f"{v} {by_variant[v]['psnr_fake']['mean']:.2f}" for v in ctx.variants)
+  log(f"{tag}: PSNR vs float (dB): {line}")
+  return entries
+
+
+def save_figures(ctx: _Context, entries: List[Dict[str, Any]], outdir: str) -> None:
+  """Sample grid (float / PTQ / PTQ + best variant) and the per-step error plot."""
+  by_variant = {e["variant"]: e for e in entries}
+  setting, obs = entries[0]["setting"], entries[0]["observer"]
+  tag, best = f"{setting}_{obs}", ctx.best
+  viz.save_comparison(
+      os.path.join(outdir, f"grid_{tag}.png"),
+      {"float": np.clip(ctx.x_fp, -1, 1),
+       f"PTQ {setting}": np.clip(ctx.samples[(tag, "none")], -1, 1),
+       f"+{best.upper()}": np.clip(ctx.samples[(tag, best)], -1, 1)})
+  report = by_variant["none"]["propagation"]
+  curves = {"measured, no compensation": report["measured_rms"],
+            "closed form (diag phi), predicted": report["closed_form_rms"],
+            f"measured, {best}": by_variant[best]["error_rms_per_step"]}
+  viz.save_error_plot(os.path.join(outdir, f"errors_{tag}.png"), curves,
+                      np.asarray(ctx.sampler.coeffs.t),
+                      f"{setting} ({obs} PTQ): cumulative error per step")
+
+
 def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) -> Dict[str, Any]:
   log = Progress(verbose)
   settings = parse_list(config.settings, SETTINGS, "setting")
@@ -210,76 +314,21 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) ->
   log(f"float samples: {config.num_calib} calibration + {config.num_eval} evaluation seeds, "
       f"{config.sampler} {N} steps")
 
+  ctx = _Context(config=config, log=log, module=module, params=params, sampler=sampler,
+                 jitted=jitted, comp_only=comp_only, calib=calib, x_cal=x_cal, key_cal=key_cal,
+                 x_eval=x_eval, key_eval=key_eval, x_fp=x_fp, fp_out=fp_out,
+                 num_timesteps=schedule.num_timesteps, variants=variants,
+                 best=("tcec" if "tcec" in variants else variants[-1]))
   results: Dict[str, Any] = {"config": config.to_dict(), "checkpoint": m["checkpoint"],
                              "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
                              "runs": []}
   grids: Dict[str, str] = {}
   for obs in observer_names:
     for setting in settings:
-      w_bits, a_bits = SETTINGS[setting]
-      tag = f"{setting}_{obs}"
-      qm = quant.quantize_model(module, params, calib, quant_config(config, w_bits, a_bits, obs),
-                                schedule.num_timesteps)
-      mem = qm.memory_report(params)
-      fq = qm.apply_fn("fake")
-      log(f"{tag}: PTQ done ({len(qm.specs)} layers, weights {mem['layers_float32'] / 1e6:.2f} MB"
-          f" float -> {mem['layers_stored'] / 1e6:.2f} MB)")
-
-      trace_cal = jitted.joint(fq, var_fp, qm.variables, x_cal, key_cal)
-      phi = propagation.fit_channel_gains(trace_cal, sampler.coeffs.a, sampler.coeffs.b)
-      trace = jitted.joint(fq, var_fp, qm.variables, x_eval, key_eval)
-      report = propagation.propagation_report(trace, sampler.coeffs.a, sampler.coeffs.b, phi)
-      log(f"{tag}: propagation model: final error RMS {report['measured_rms'][-1]:.4f}, closed "
-          f"form corr {np.mean(report['closed_form_corr'][1:]):.3f}")
-
-      fitted = {}
-      for v in variants:
-        fit = errors.get_fit_config(v)
-        if fit is None:
-          fitted[v] = errors.zero_params(N, mc.out_channels, sampler.coeffs.t, phi)
-          continue
-        fitted[v] = jitted.calibrate(fq, fit, var_fp, qm.variables, x_cal, key_cal, phi)
-        if not bool(jnp.all(jnp.isfinite(fitted[v].K)) & jnp.all(jnp.isfinite(fitted[v].beta))):
-          raise ValueError(f"{tag}/{v}: calibration produced NaN/inf parameters.")
-      log(f"{tag}: calibrated {', '.join(v for v in variants if v != 'none')}")
-
-      modes = ["fake", "int"] if config.int_path else ["fake"]
-      samples, entry_by_variant = {}, {}
-      for v in variants:
-        entry = {"setting": setting, "observer": obs, "variant": v, "memory_bytes": mem}
-        for mode in modes:
-          x_q, traj_q, _ = jitted.run(qm.apply_fn(mode), qm.variables, fitted[v], x_eval, key_eval)
-          entry[f"psnr_{mode}"] = _stats(metrics.psnr(x_q, x_fp))
-          entry[f"ssim_{mode}"] = _stats(metrics.ssim(x_q, x_fp))
-          if mode == "fake":
-            samples[v] = x_q
-            q_out = jnp.concatenate([traj_q[1:], x_q[None]])
-            entry["error_rms_per_step"] = _rms_per_step(q_out - fp_out).tolist()
-        entry_by_variant[v] = entry
-        results["runs"].append(entry)
-      if config.timing_repeats > 0 and obs == observer_names[0]:
-        mode, timed = modes[-1], ("tcec" if "tcec" in fitted else variants[-1])
-        timing = measure_overhead(qm.apply_fn(mode), sampler, qm.variables, fitted[timed],
-                                  x_eval, key_eval, config.timing_repeats, comp_only)
-        timing["mode"] = mode
-        entry_by_variant[timed]["timing"] = timing  # every variant does the same work
-        log(f"{tag}: overhead {100 * timing['overhead_ab']:+.2f}% (A/B), "
-            f"{100 * timing['overhead_ops']:.3f}% (compensation ops alone), {mode} path")
-      best = "tcec" if "tcec" in variants else variants[-1]
-      line = ", ".join(f"{v} {entry_by_variant[v]['psnr_fake']['mean']:.2f}" for v in variants)
-      log(f"{tag}: PSNR vs float (dB): {line}")
-
-      grids[tag] = viz.save_comparison(
-          os.path.join(outdir, f"grid_{tag}.png"),
-          {"float": np.clip(x_fp, -1, 1), f"PTQ {setting}": np.clip(samples["none"], -1, 1),
-           f"+{best.upper()}": np.clip(samples[best], -1, 1)})
-      curves = {"measured, no compensation": report["measured_rms"],
-                "closed form (diag phi), predicted": report["closed_form_rms"],
-                f"measured, {best}": entry_by_variant[best]["error_rms_per_step"]}
-      viz.save_error_plot(os.path.join(outdir, f"errors_{tag}.png"), curves,
-                          np.asarray(sampler.coeffs.t),
-                          f"{setting} ({obs} PTQ): cumulative error per step")
-      entry_by_variant["none"]["propagation"] = {k: v.tolist() for k, v in report.items()}
+      entries = evaluate_setting(ctx, setting, obs, timed=obs == observer_names[0])
+      results["runs"] += entries
+      grids[f"{setting}_{obs}"] = os.path.join(outdir, f"grid_{setting}_{obs}.png")
+      save_figures(ctx, entries, outdir)
 
   results["grids"] = grids
   with open(os.path.join(outdir, "results.json"), "w") as f:

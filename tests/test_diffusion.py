@@ -1,7 +1,6 @@
 """Diffusion core: schedules, samplers, UNet, data, training and checkpoints."""
 
 import functools
-import json
 import os
 
 import jax
@@ -14,7 +13,7 @@ from tac_jax import checkpoint as ckpt_lib
 from tac_jax import data as data_lib
 from tac_jax import train as train_lib
 from tac_jax.diffusion import samplers, schedules
-from tac_jax.models import UNet, UNetConfig, init_unet
+from tac_jax.models import UNetConfig, init_unet
 
 TINY = UNetConfig(sample_size=8, block_out_channels=(8, 16), attention_levels=(1,),
                   attention_head_dim=16, norm_num_groups=4)

@@ -7,7 +7,7 @@ import pytest
 
 from tac_jax import errors, quant
 from tac_jax.diffusion import samplers, schedules
-from tac_jax.errors import compensation, propagation
+from tac_jax.errors import propagation
 from tac_jax.models import UNetConfig, init_unet
 
 SCHED = schedules.make_schedule("linear", 1000)

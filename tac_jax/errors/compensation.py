@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import flax.struct
 import jax
@@ -36,7 +36,6 @@ import orbax.checkpoint as ocp
 
 from tac_jax import checkpoint as ckpt_lib
 from tac_jax.diffusion.samplers import ApplyFn, Sampler, batch_timestep
-from tac_jax.errors import propagation
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ Three equivalent solvers are provided: the step-by-step recurrence, an associati
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple
 
 import jax
 import jax.numpy as jnp
