@@ -121,7 +121,7 @@ def solve_affine(st: AffineStats, intercept: bool = True, ridge: float = 1e-6):
 
 # ----------------------------------------------------------------------------- calibration
 
-def _check_inputs(x_T):
+def check_calibration_noise(x_T):
   if x_T.ndim < 2 or x_T.shape[0] == 0:
     raise ValueError(f"calibration needs at least one sample: got x_T of shape {x_T.shape}.")
   if not isinstance(x_T, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x_T))):
@@ -136,7 +136,7 @@ def calibrate(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampl
     fit = get_fit_config(fit)
     if fit is None:
       return zero_params(sampler.coeffs.num_steps, x_T.shape[-1], sampler.coeffs.t, phi)
-  _check_inputs(x_T)
+  check_calibration_noise(x_T)
   c = sampler.coeffs
   C = x_T.shape[-1]
 

@@ -1,0 +1,56 @@
+"""Sharded sampling and calibration on 4 forced CPU devices equal the single-device run.
+
+XLA_FLAGS must be set before JAX starts, so the checks run in a child process.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from tac_jax import errors, parallel, quant
+    from tac_jax.diffusion import make_schedule, samplers
+
+    assert jax.device_count() == 4, jax.devices()
+    mesh = parallel.data_mesh()
+    sched = make_schedule("linear", 1000)
+    W = {"w": jnp.array([0.9, 1.1, 1.3])}
+
+    def fp(v, x, t):
+        g = 0.5 + 0.4 * jnp.cos(t.astype(jnp.float32) / 1000.0)
+        return jnp.tanh(g[:, None, None, None] * v["w"] * x * 1.5)
+
+    def fq(v, x, t):
+        return quant.fake_quant(fp(v, x, t), quant.params_from_range(-1.0, 1.0, 3, symmetric=False))
+
+    x = jax.random.normal(jax.random.key(0), (16, 4, 4, 3))
+    key = jax.random.key(1)
+    for sampler in [samplers.ddim(sched, 6), samplers.ddpm(sched, 6)]:
+        single = samplers.sample(fq, W, sampler, x, key)[0].x
+        sharded = parallel.sharded_sample(fq, W, sampler, x, key, mesh)
+        assert len(sharded.sharding.device_set) == 4
+        np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
+        p1 = errors.calibrate(fp, W, fq, W, sampler, x, key, "tcec")
+        p4 = parallel.sharded_calibrate(fp, W, fq, W, sampler, x, key, mesh, "tcec")
+        np.testing.assert_allclose(p4.K, p1.K, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(p4.beta, p1.beta, rtol=1e-4, atol=1e-5)
+    try:
+        parallel.sharded_sample(fq, W, sampler, x[:6], key, mesh)
+    except ValueError as e:
+        assert "does not divide over 4 devices" in str(e), e
+    else:
+        raise AssertionError("a batch of 6 on 4 devices was accepted")
+    print("SHARDED_OK")
+""")
+
+
+def test_sharded_sampling_and_calibration_match_single_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                        timeout=600, cwd=ROOT, env=env)
+  assert proc.returncode == 0 and "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]
