@@ -70,7 +70,4 @@ def sharded_calibrate(apply_fp, var_fp, apply_q, var_q, sampler: samplers.Sample
                                                       fit, phi=phi, check_finite=False),
                 out_shardings=NamedSharding(mesh, P()))
   params = run(replicate(var_fp, mesh), replicate(var_q, mesh), x_T, key)
-  if not bool(np.all(np.isfinite(np.asarray(params.K)))):
-    raise ValueError("sharded calibration produced NaN/inf parameters; check the quantized "
-                     "model and the input noise.")
-  return params
+  return errors.compensation.check_params_finite(params, "sharded calibration")

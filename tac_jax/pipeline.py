@@ -223,9 +223,9 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
     if fit is None:
       fitted[v] = errors.zero_params(N, C, c.t, phi)
       continue
-    fitted[v] = ctx.jitted.calibrate(fq, fit, var_fp, qm.variables, ctx.x_cal, ctx.key_cal, phi)
-    if not bool(jnp.all(jnp.isfinite(fitted[v].K)) & jnp.all(jnp.isfinite(fitted[v].beta))):
-      raise ValueError(f"{tag}/{v}: calibration produced NaN/inf parameters.")
+    fitted[v] = errors.compensation.check_params_finite(
+        ctx.jitted.calibrate(fq, fit, var_fp, qm.variables, ctx.x_cal, ctx.key_cal, phi),
+        f"{tag}/{v} calibration")
   log(f"{tag}: calibrated {', '.join(v for v in ctx.variants if v != 'none')}")
 
   modes = ["fake", "int"] if config.int_path else ["fake"]

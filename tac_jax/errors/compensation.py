@@ -165,6 +165,15 @@ def calibrate(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampl
   return TCECParams(K=K, beta=beta, phi=jnp.asarray(phi, jnp.float32), timesteps=c.t)
 
 
+def check_params_finite(params: TCECParams, where: str = "calibration") -> TCECParams:
+  """Raises ValueError when fitted K / beta hold NaN/inf (for jitted calibrations, whose
+  in-scan check cannot raise)."""
+  if not (np.all(np.isfinite(np.asarray(params.K))) and np.all(np.isfinite(np.asarray(params.beta)))):
+    raise ValueError(f"{where} produced NaN/inf parameters; check the quantized model and the "
+                     "input noise.")
+  return params
+
+
 # ----------------------------------------------------------------------------- online use
 
 class ErrorState(NamedTuple):
