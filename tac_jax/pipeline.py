@@ -151,16 +151,10 @@ def _stats(v) -> Dict[str, float]:
   return {"mean": float(v.mean()), "std": float(v.std())}
 
 
-def _rms_per_step(err) -> np.ndarray:
-  return np.sqrt(np.mean(np.asarray(err).reshape(err.shape[0], -1) ** 2, axis=1))
-
-
 def load(config) -> Dict[str, Any]:
   directory = config.checkpoint or ckpt_lib.default_model_dir()
   module, params, meta = ckpt_lib.load_model(directory)
-  s = meta.get("schedule", {})
-  schedule = make_schedule(s.get("name", "linear"), s.get("num_timesteps", 1000),
-                           s.get("beta_start", 1e-4), s.get("beta_end", 0.02))
+  schedule = make_schedule(**meta.get("schedule", {}))  # make_schedule's defaults otherwise
   return {"module": module, "params": params, "meta": meta, "schedule": schedule,
           "checkpoint": directory}
 
@@ -240,7 +234,8 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
       if mode == "fake":
         ctx.samples[(tag, v)] = x_q
         q_out = jnp.concatenate([traj_q[1:], x_q[None]])
-        entry["error_rms_per_step"] = _rms_per_step(q_out - ctx.fp_out).tolist()
+        entry["error_rms_per_step"] = np.asarray(
+            propagation.rms_per_step(q_out - ctx.fp_out)).tolist()
     if v == "none":
       entry["propagation"] = {k: a.tolist() for k, a in report.items()}
     entries.append(entry)

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 
 from tac_jax import checkpoint as ckpt_lib
 from tac_jax.diffusion.samplers import ApplyFn, Sampler, batch_timestep
+from tac_jax.quant import observers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,19 +125,18 @@ def solve_affine(st: AffineStats, intercept: bool = True, ridge: float = 1e-6):
 def check_calibration_noise(x_T):
   if x_T.ndim < 2 or x_T.shape[0] == 0:
     raise ValueError(f"calibration needs at least one sample: got x_T of shape {x_T.shape}.")
-  if not isinstance(x_T, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x_T))):
-    raise ValueError("calibration starting noise x_T contains NaN/inf.")
+  observers.check_calibration_data(x_T, "calibration starting noise x_T")
 
 
 def calibrate(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampler,
               x_T: jax.Array, key: jax.Array, fit: FitConfig | str = "tcec",
               phi: Optional[jax.Array] = None, check_finite: bool = True) -> TCECParams:
   """Fits the correction step by step in one `lax.scan` (jit it at the call site)."""
+  check_calibration_noise(x_T)
   if isinstance(fit, str):
     fit = get_fit_config(fit)
     if fit is None:
       return zero_params(sampler.coeffs.num_steps, x_T.shape[-1], sampler.coeffs.t, phi)
-  check_calibration_noise(x_T)
   c = sampler.coeffs
   C = x_T.shape[-1]
 

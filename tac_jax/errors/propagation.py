@@ -129,7 +129,8 @@ def cumulative_error_solve(phi, b, d) -> jax.Array:
 
 # ----------------------------------------------------------------------------- report
 
-def _rms(x):
+def rms_per_step(x):
+  """RMS per pixel of each step's entry of a [N, ...] stack."""
   return jnp.sqrt(jnp.mean(x.reshape(x.shape[0], -1) ** 2, axis=1))
 
 
@@ -151,13 +152,13 @@ def propagation_report(trace: PropagationTrace, a, b, phi) -> Dict[str, np.ndarr
   measured = trace.e_next
   closed = cumulative_error_solve(phi, b, trace.d)
   one_step = _bcast(a, trace.e) * trace.e + _bcast(b, trace.e) * (trace.jvp + trace.d)
-  rel = lambda p: _rms(p - measured) / jnp.maximum(_rms(measured), 1e-30)
+  rel = lambda p: rms_per_step(p - measured) / jnp.maximum(rms_per_step(measured), 1e-30)
   out = {
-      "measured_rms": _rms(measured),
-      "closed_form_rms": _rms(closed),
+      "measured_rms": rms_per_step(measured),
+      "closed_form_rms": rms_per_step(closed),
       "closed_form_rel_err": rel(closed),
       "closed_form_corr": _corr(closed, measured),
       "one_step_jvp_rel_err": rel(one_step),
-      "per_step_error_rms": _rms(_bcast(b, trace.d) * trace.d),
+      "per_step_error_rms": rms_per_step(_bcast(b, trace.d) * trace.d),
   }
   return {k: np.asarray(v) for k, v in out.items()}

@@ -106,19 +106,23 @@ def time_group(t, num_timesteps: int, groups: int) -> jax.Array:
 
 # ----------------------------------------------------------------------------- layer math
 
+def _per_axis(value, n: int) -> Tuple[int, ...]:
+  """A Flax int-or-sequence conv attribute (strides, dilation) as an n-tuple."""
+  value = value or 1
+  return (value,) * n if isinstance(value, int) else tuple(value)
+
+
 def conv_padding(module: nn.Conv, spatial: Tuple[int, ...]) -> Tuple[Tuple[int, int], ...]:
   """Explicit (lo, hi) padding pairs for a Flax Conv on an input of spatial shape."""
   pad = module.padding
   ks = tuple(module.kernel_size)
-  dil = module.kernel_dilation or 1
-  dil = (dil,) * len(ks) if isinstance(dil, int) else tuple(dil)
-  strides = module.strides or 1
-  strides = (strides,) * len(ks) if isinstance(strides, int) else tuple(strides)
   if isinstance(pad, str):
     if pad.upper() not in ("SAME", "VALID"):
       raise ValueError(f"quantized Conv supports SAME/VALID/explicit padding, got {pad!r}.")
+    dil = _per_axis(module.kernel_dilation, len(ks))
     eff = tuple((k - 1) * d + 1 for k, d in zip(ks, dil))
-    return tuple(lax.padtype_to_pads(spatial, eff, strides, pad.upper()))
+    return tuple(lax.padtype_to_pads(spatial, eff, _per_axis(module.strides, len(ks)),
+                                     pad.upper()))
   if isinstance(pad, int):
     return ((pad, pad),) * len(ks)
   return tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
@@ -131,11 +135,8 @@ def _conv_geometry(module: nn.Conv, x):
   if module.feature_group_count != 1 or (module.input_dilation not in (None, 1, (1, 1))):
     raise ValueError(f"layer {layer_path(module)}: grouped or input-dilated convs are not "
                      "supported by the quantized path; exclude it in QuantConfig.exclude.")
-  strides = module.strides or 1
-  strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
-  dil = module.kernel_dilation or 1
-  dil = (dil,) * 2 if isinstance(dil, int) else tuple(dil)
-  return strides, conv_padding(module, x.shape[1:3]), dil
+  return (_per_axis(module.strides, 2), conv_padding(module, x.shape[1:3]),
+          _per_axis(module.kernel_dilation, 2))
 
 
 def _activation_params(module, spec: LayerSpec, config: QuantConfig, x, group):

@@ -149,7 +149,13 @@ def collect_activation_stats(module: nn.Module, params: Params, calib: Sequence[
                              config: QuantConfig, num_timesteps: int
                              ) -> Dict[str, List[List[np.ndarray]]]:
   """Per layer and timestep group: the list of recorded input values (min, max, sample)."""
-  calib = _check_calibration(calib)
+  return _collect_activation_stats(module, params, _check_calibration(calib, num_timesteps),
+                                   config, num_timesteps)
+
+
+def _collect_activation_stats(module, params, calib: List[CalibBatch], config: QuantConfig,
+                              num_timesteps: int) -> Dict[str, List[List[np.ndarray]]]:
+  """`collect_activation_stats` on already validated calibration batches."""
 
   @jax.jit
   def observe(params, x, t):
@@ -224,7 +230,7 @@ def quantize_model(module: nn.Module, params: Params, calib: Iterable[CalibBatch
   quant: Dict[str, Any] = jax.jit(
       lambda ks: {p: quantize_weight(k, specs[p], config) for p, k in ks.items()})(kernels)
   if not config.a_dynamic:
-    stats = collect_activation_stats(module, params, calib, config, num_timesteps)
+    stats = _collect_activation_stats(module, params, calib, config, num_timesteps)
     for path, r in fit_activation_ranges(stats, specs, config).items():
       quant[path].update(r)
   kept = {k: v for k, v in flat.items() if k.rsplit("/", 1)[0] not in specs
