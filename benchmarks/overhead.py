@@ -13,9 +13,8 @@ import time
 import jax
 import numpy as np
 
-from tac_jax import checkpoint as ckpt_lib
-from tac_jax import errors, pipeline, quant
-from tac_jax.diffusion import make_schedule, samplers
+import common  # benchmarks/common.py
+from tac_jax import pipeline
 
 
 def main():
@@ -27,19 +26,8 @@ def main():
   ap.add_argument("--repeats", type=int, default=30)
   args = ap.parse_args()
 
-  module, params, meta = ckpt_lib.load_model(ckpt_lib.default_model_dir())
-  sampler = samplers.ddim(make_schedule(**meta["schedule"]), args.steps)
-  mc = module.config
-  x = jax.random.normal(jax.random.key(0), (args.batch, mc.sample_size, mc.sample_size, mc.in_channels))
-  key = jax.random.key(1)
-  var_fp = {"params": params}
-  _, traj = samplers.sample(module.apply, var_fp, sampler, x, key, return_trajectory=True)
-  calib = [(traj[i], int(sampler.coeffs.t[i])) for i in range(args.steps)]
-  w, a = pipeline.SETTINGS[args.setting]
-  qm = quant.quantize_model(module, params, calib, quant.QuantConfig(
-      w_bits=w, a_bits=a, keep_8bit=r"^(conv_in|conv_out|time_embedding/.*)$"))
-  tcec = jax.jit(lambda v, x: errors.calibrate(module.apply, var_fp, qm.apply_fn("fake"), v,
-                                               sampler, x, key))(qm.variables, x)
+  s = common.quantized_default_model(args.setting, args.steps, args.batch)
+  qm, tcec, x, key, sampler = s.qmodel, s.tcec, s.x, s.key, s.sampler
   apply_fn = qm.apply_fn(args.mode)
   plain = pipeline.make_final_runner(apply_fn, sampler, compensated=False)
   comp = pipeline.make_final_runner(apply_fn, sampler, compensated=True)

@@ -16,6 +16,7 @@ def get_config():
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=2e-3, warmup_steps=200, weight_decay=1e-4, grad_clip=1.0, ema_decay=0.999))
   c.batch_size = 32
+  c.data_parallel = True     # split each batch over all devices when there are several
   c.num_train_steps = 8000
   c.log_every = 100
   c.checkpoint_every = 2000

@@ -18,6 +18,7 @@ def get_config():
   c.variants = "none,ptqd,per_step,tcec"
   c.int_path = True                 # also evaluate the int8 x int8 -> int32 path
   c.timing_repeats = 4              # overhead timing (first observer); 0 disables it
+  c.data_parallel = True            # split the seeds over all devices when there are several
   c.quant = ml_collections.ConfigDict(dict(
       w_per_channel=True,
       a_symmetric=False,

@@ -3,12 +3,13 @@
   python experiments/quantize.py --outdir=runs/main
   python experiments/quantize.py --config.settings=W4A4 --config.observers=mse --outdir=runs/w4a4
   python experiments/quantize.py --config.checkpoint=path/to/model_dir
+  python experiments/quantize.py --distributed ...     # multi-host (see README, "Scale out")
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tac_jax import pipeline
+from tac_jax import launch, pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quantize.py", "Main job config.")
 _OUTDIR = flags.DEFINE_string("outdir", "runs/main", "Results, grids and plots go here.")
@@ -17,6 +18,7 @@ _OUTDIR = flags.DEFINE_string("outdir", "runs/main", "Results, grids and plots g
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  launch.maybe_initialize_distributed()
   pipeline.run(_CONFIG.value, _OUTDIR.value)
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tac_jax import launch
 from tac_jax import train as train_lib
 from tac_jax import viz
 from tac_jax.diffusion import samplers
@@ -24,6 +25,7 @@ _EXPORT = flags.DEFINE_string("export_dir", None, "Also export the EMA params as
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep orbax's INFO lines out of the progress output
+  launch.maybe_initialize_distributed()
   config = _CONFIG.value
   t0 = time.time()
   out = train_lib.train(config, _WORKDIR.value, export_dir=_EXPORT.value)
@@ -39,6 +41,8 @@ def main(argv):
   paths = [os.path.join(_WORKDIR.value, "samples.png")]
   if _EXPORT.value:
     paths.append(os.path.join(_EXPORT.value, "..", "..", "..", "docs", "default_model_samples.png"))
+  if jax.process_index() != 0:
+    return
   for p in paths:
     viz.save_grid(os.path.normpath(p), jnp.clip(imgs, -1, 1), cols=8)
     print(f"wrote {os.path.normpath(p)}")

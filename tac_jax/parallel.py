@@ -9,6 +9,11 @@ sharded and single-device sampling agree too.
 
 A batch that does not divide evenly over the devices is rejected (not padded): padding
 would change the calibration statistics.
+
+Multi-host (TPU pod slices, several GPU nodes): call `initialize_distributed` first (the
+launchers' `--distributed` flag does), build every host array identically on every
+process (same seeds), and the same code runs SPMD over the global mesh; `to_host` gathers
+a sharded result back to every process as numpy.
 """
 
 from __future__ import annotations
@@ -40,24 +45,72 @@ def check_divisible(batch: int, mesh: Mesh) -> None:
                      f"multiple of {n} (e.g. {batch + (-batch) % n}).")
 
 
+def _put(x, sharding: NamedSharding):
+  if sharding.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  # Multi-process: every process holds the same host value and supplies its own shards.
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
 def shard_batch(x: jax.Array, mesh: Mesh) -> jax.Array:
   """Places `x` split along its leading (batch) axis over the mesh."""
   check_divisible(x.shape[0], mesh)
-  return jax.device_put(x, NamedSharding(mesh, P(DATA_AXIS)))
+  return _put(x, NamedSharding(mesh, P(DATA_AXIS)))
 
 
 def replicate(tree, mesh: Mesh):
   """Places a pytree (variables, TCEC params) whole on every device of the mesh."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: _put(x, sharding), tree)
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly sharded, possibly multi-process) array as numpy, on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None,
+                           local_device_ids: Optional[Sequence[int]] = None) -> None:
+  """`jax.distributed.initialize`, once per process, before any other JAX call.
+
+  On Cloud TPU pod slices, SLURM and Open MPI every argument can stay None (JAX detects
+  them); elsewhere pass the coordinator's host:port, the process count and this
+  process's id (0 .. num_processes - 1).
+  """
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"num_processes must be >= 1, got {num_processes}.")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}.")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id,
+                             local_device_ids=local_device_ids)
+
+
+def auto_mesh(enabled: bool = True) -> Optional[Mesh]:
+  """The data mesh over all devices when there is more than one (and `enabled`), else None."""
+  return data_mesh() if enabled and jax.device_count() > 1 else None
+
+
+def make_sharded_sampler(apply_fn, sampler: samplers.Sampler, mesh: Mesh):
+  """A jitted (variables, x_T, key) -> final samples, batch split over `mesh`. Place the
+  inputs with `replicate` / `shard_batch` once and call it repeatedly."""
+  return jax.jit(lambda v, x, k: samplers.sample(apply_fn, v, sampler, x, k)[0].x,
+                 out_shardings=NamedSharding(mesh, P(DATA_AXIS)))
 
 
 def sharded_sample(apply_fn, variables, sampler: samplers.Sampler, x_T: jax.Array,
                    key: jax.Array, mesh: Mesh) -> jax.Array:
   """Final samples of `sampler` with the batch split over `mesh` (output stays sharded)."""
-  x_T = shard_batch(x_T, mesh)
-  run = jax.jit(lambda v, x, k: samplers.sample(apply_fn, v, sampler, x, k)[0].x,
-                out_shardings=NamedSharding(mesh, P(DATA_AXIS)))
-  return run(replicate(variables, mesh), x_T, key)
+  run = make_sharded_sampler(apply_fn, sampler, mesh)
+  return run(replicate(variables, mesh), shard_batch(x_T, mesh), key)
 
 
 def sharded_calibrate(apply_fp, var_fp, apply_q, var_q, sampler: samplers.Sampler,

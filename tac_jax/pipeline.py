@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from tac_jax import checkpoint as ckpt_lib
-from tac_jax import errors, metrics, quant, viz
+from tac_jax import errors, metrics, parallel, quant, viz
 from tac_jax.diffusion import samplers
 from tac_jax.diffusion.schedules import make_schedule
 from tac_jax.errors import propagation
@@ -147,7 +147,7 @@ def measure_overhead(apply_fn, sampler, variables, params, x_T, key, repeats: in
 
 
 def _stats(v) -> Dict[str, float]:
-  v = np.asarray(v, np.float64)
+  v = parallel.to_host(v).astype(np.float64)
   return {"mean": float(v.mean()), "std": float(v.std())}
 
 
@@ -232,12 +232,12 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
       entry[f"psnr_{mode}"] = _stats(metrics.psnr(x_q, ctx.x_fp))
       entry[f"ssim_{mode}"] = _stats(metrics.ssim(x_q, ctx.x_fp))
       if mode == "fake":
-        ctx.samples[(tag, v)] = x_q
+        ctx.samples[(tag, v)] = parallel.to_host(x_q)
         q_out = jnp.concatenate([traj_q[1:], x_q[None]])
-        entry["error_rms_per_step"] = np.asarray(
+        entry["error_rms_per_step"] = parallel.to_host(
             propagation.rms_per_step(q_out - ctx.fp_out)).tolist()
     if v == "none":
-      entry["propagation"] = {k: a.tolist() for k, a in report.items()}
+      entry["propagation"] = {k: parallel.to_host(a).tolist() for k, a in report.items()}
     entries.append(entry)
   by_variant = {e["variant"]: e for e in entries}
   if timed and config.timing_repeats > 0:
@@ -259,7 +259,7 @@ def save_figures(ctx: _Context, entries: List[Dict[str, Any]], outdir: str) -> N
   tag, best = f"{setting}_{obs}", ctx.best
   viz.save_comparison(
       os.path.join(outdir, f"grid_{tag}.png"),
-      {"float": np.clip(ctx.x_fp, -1, 1),
+      {"float": np.clip(parallel.to_host(ctx.x_fp), -1, 1),
        f"PTQ {setting}": np.clip(ctx.samples[(tag, "none")], -1, 1),
        f"+{best.upper()}": np.clip(ctx.samples[(tag, best)], -1, 1)})
   report = by_variant["none"]["propagation"]
@@ -280,7 +280,9 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) ->
     variants = ["none"] + variants
   if config.num_calib < 1 or config.num_eval < 1:
     raise ValueError("num_calib and num_eval must be >= 1.")
-  os.makedirs(outdir, exist_ok=True)
+  writer = jax.process_index() == 0   # multi-host: one process writes the files
+  if writer:
+    os.makedirs(outdir, exist_ok=True)
 
   m = load(config)
   module, params, schedule = m["module"], m["params"], m["schedule"]
@@ -296,6 +298,17 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) ->
   x_cal = jax.random.normal(jax.random.fold_in(k_cal, 0), (config.num_calib,) + shape)
   x_eval = jax.random.normal(jax.random.fold_in(k_eval, 0), (config.num_eval,) + shape)
   key_cal, key_eval = jax.random.fold_in(k_cal, 1), jax.random.fold_in(k_eval, 1)
+  mesh = parallel.auto_mesh(config.get("data_parallel", True))
+  if mesh is not None:  # data parallel: seeds split over devices, everything else replicated
+    n = mesh.shape[parallel.DATA_AXIS]
+    for name in ("num_calib", "num_eval"):
+      if config[name] % n:
+        raise ValueError(f"config.{name}={config[name]} does not divide over {n} devices; use "
+                         f"a multiple of {n} or --config.data_parallel=False.")
+    x_cal, x_eval = parallel.shard_batch(x_cal, mesh), parallel.shard_batch(x_eval, mesh)
+    params = parallel.replicate(params, mesh)
+    log(f"data parallel over {n} devices ({jax.process_count()} process(es)): "
+        f"{config.num_calib // n} calibration + {config.num_eval // n} evaluation seeds each")
 
   fp = module.apply
   var_fp = {"params": params}
@@ -316,6 +329,7 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) ->
                  best=("tcec" if "tcec" in variants else variants[-1]))
   results: Dict[str, Any] = {"config": config.to_dict(), "checkpoint": m["checkpoint"],
                              "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+                             "processes": jax.process_count(),
                              "runs": []}
   grids: Dict[str, str] = {}
   for obs in observer_names:
@@ -323,12 +337,15 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) ->
       entries = evaluate_setting(ctx, setting, obs, timed=obs == observer_names[0])
       results["runs"] += entries
       grids[f"{setting}_{obs}"] = os.path.join(outdir, f"grid_{setting}_{obs}.png")
-      save_figures(ctx, entries, outdir)
+      if writer:
+        save_figures(ctx, entries, outdir)
 
   results["grids"] = grids
+  table = results_table(results)
+  if not writer:
+    return results
   with open(os.path.join(outdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
-  table = results_table(results)
   with open(os.path.join(outdir, "results.md"), "w") as f:
     f.write(table)
   log(f"wrote {outdir}/results.json, results.md, {len(grids)} grids and error plots")

@@ -19,6 +19,7 @@ from absl import logging
 
 from tac_jax import checkpoint as ckpt_lib
 from tac_jax import data as data_lib
+from tac_jax import parallel
 from tac_jax.diffusion.schedules import make_schedule
 from tac_jax.models.unet import UNetConfig, init_unet
 
@@ -97,6 +98,15 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     print(f"resumed from step {step}", flush=True)
 
   ema_decay = config.optim.ema_decay
+  # Data parallel over all devices (when several): batch split, state replicated; jit turns
+  # the gradient's batch mean into an all-reduce.
+  mesh = parallel.auto_mesh(config.get("data_parallel", True))
+  if mesh is not None:
+    parallel.check_divisible(config.batch_size, mesh)
+    state = parallel.replicate(state, mesh)
+    put = lambda x: parallel.shard_batch(x, mesh)
+  else:
+    put = jnp.asarray
 
   @jax.jit
   def train_step(state: TrainState, x0, key):
@@ -117,7 +127,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   losses, window, t0 = [], [], time.time()
   for step in range(start, config.num_train_steps):
     idx = rng.integers(0, data.shape[0], config.batch_size)
-    state, loss = train_step(state, jnp.asarray(data[idx]), jax.random.fold_in(key, step))
+    state, loss = train_step(state, put(data[idx]), jax.random.fold_in(key, step))
     window.append(loss)
     done = step + 1
     if done % config.log_every == 0 or done == config.num_train_steps:
@@ -132,7 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   manager.wait_until_finished()
   meta = {"model": cfg_model.to_dict(), "schedule": config.schedule.to_dict(),
           "data": config.data.to_dict(), "train_steps": int(state.step), "seed": config.seed}
-  if export_dir:
+  if export_dir and jax.process_index() == 0:
     ckpt_lib.save_model(export_dir, state.ema_params, meta)
     print(f"exported EMA params to {export_dir}", flush=True)
   return {"params": state.ema_params, "module": module, "losses": losses, "meta": meta}

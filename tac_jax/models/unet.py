@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -28,10 +28,14 @@ class UNetConfig:
   block_out_channels: Tuple[int, ...] = (32, 64, 64)
   layers_per_block: int = 1
   attention_levels: Tuple[int, ...] = (1,)   # indices of down blocks with self-attention
-  attention_head_dim: int = 32
+  attention_head_dim: Optional[int] = 32  # None: one head per attention block (DDPM CIFAR-10)
   norm_num_groups: int = 8
   norm_eps: float = 1e-5
   mid_attention: bool = True
+  # Time embedding and downsampling variants found in diffusers checkpoints.
+  flip_sin_to_cos: bool = True    # [cos | sin] (True) or [sin | cos]
+  freq_shift: float = 0.0         # frequencies exp(-log(10^4) k / (half - freq_shift))
+  downsample_padding: int = 1     # 1: symmetric pad 1; 0: pad bottom/right by 1 (DDPM)
 
   def __post_init__(self):
     object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
@@ -43,6 +47,8 @@ class UNetConfig:
     n = len(self.block_out_channels)
     if any(not 0 <= l < n for l in self.attention_levels):
       raise ValueError(f"attention_levels {self.attention_levels} must index the {n} blocks.")
+    if self.downsample_padding not in (0, 1):
+      raise ValueError(f"downsample_padding must be 0 or 1, got {self.downsample_padding}.")
     if self.sample_size % (2 ** (n - 1)):
       raise ValueError(f"sample_size {self.sample_size} must be divisible by 2^{n - 1}.")
 
@@ -54,12 +60,15 @@ class UNetConfig:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-  """Sinusoidal embedding [cos | sin] (diffusers: flip_sin_to_cos=True, shift 0)."""
+def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding as diffusers' `get_timestep_embedding`: [cos | sin] when
+  `flip_sin_to_cos`, else [sin | cos]; frequencies exp(-log(max_period) k / (half - shift))."""
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
   args = t.astype(jnp.float32)[:, None] * freqs[None]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  sin, cos = jnp.sin(args), jnp.cos(args)
+  return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
 
 
 class TimestepEmbedding(nn.Module):
@@ -88,14 +97,14 @@ class ResnetBlock2D(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-  head_dim: int
+  head_dim: Optional[int]   # None: a single head
   groups: int
   eps: float
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    heads = max(c // self.head_dim, 1)
+    heads = 1 if self.head_dim is None else max(c // self.head_dim, 1)
     y = nn.GroupNorm(self.groups, epsilon=self.eps, name="group_norm")(x).reshape(b, h * w, c)
     split = lambda z: z.reshape(b, h * w, heads, c // heads)
     q = split(nn.Dense(c, name="to_q")(y))
@@ -108,10 +117,12 @@ class AttentionBlock(nn.Module):
 
 class Downsample(nn.Module):
   channels: int
+  padding: int = 1
 
   @nn.compact
   def __call__(self, x):
-    return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name="conv")(x)
+    pad = ((1, 1), (1, 1)) if self.padding == 1 else ((0, 1), (0, 1))
+    return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding=pad, name="conv")(x)
 
 
 class Upsample(nn.Module):
@@ -129,9 +140,10 @@ class DownBlock(nn.Module):
   num_layers: int
   attention: bool
   add_downsample: bool
-  head_dim: int
+  head_dim: Optional[int]
   groups: int
   eps: float
+  downsample_padding: int = 1
 
   @nn.compact
   def __call__(self, h, temb):
@@ -142,7 +154,7 @@ class DownBlock(nn.Module):
         h = AttentionBlock(self.head_dim, self.groups, self.eps, name=f"attentions_{j}")(h)
       skips.append(h)
     if self.add_downsample:
-      h = Downsample(self.channels, name="downsamplers_0")(h)
+      h = Downsample(self.channels, self.downsample_padding, name="downsamplers_0")(h)
       skips.append(h)
     return h, skips
 
@@ -152,7 +164,7 @@ class UpBlock(nn.Module):
   num_layers: int
   attention: bool
   add_upsample: bool
-  head_dim: int
+  head_dim: Optional[int]
   groups: int
   eps: float
 
@@ -171,7 +183,7 @@ class UpBlock(nn.Module):
 class MidBlock(nn.Module):
   channels: int
   attention: bool
-  head_dim: int
+  head_dim: Optional[int]
   groups: int
   eps: float
 
@@ -206,13 +218,15 @@ class UNet(nn.Module):
     t = self.check_inputs(x, t)
     ch = cfg.block_out_channels
     common = dict(head_dim=cfg.attention_head_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps)
-    temb = TimestepEmbedding(4 * ch[0], name="time_embedding")(timestep_embedding(t, ch[0]))
+    temb = TimestepEmbedding(4 * ch[0], name="time_embedding")(
+        timestep_embedding(t, ch[0], cfg.flip_sin_to_cos, cfg.freq_shift))
 
     h = nn.Conv(ch[0], (3, 3), name="conv_in")(x)
     skips = [h]
     for i, c in enumerate(ch):
       h, s = DownBlock(c, cfg.layers_per_block, i in cfg.attention_levels, i < len(ch) - 1,
-                       name=f"down_blocks_{i}", **common)(h, temb)
+                       name=f"down_blocks_{i}", downsample_padding=cfg.downsample_padding,
+                       **common)(h, temb)
       skips += s
     h = MidBlock(ch[-1], cfg.mid_attention, name="mid_block", **common)(h, temb)
     for i, c in enumerate(reversed(ch)):
