@@ -74,15 +74,19 @@ def load_model(directory: str) -> Tuple[Any, Any, Dict[str, Any]]:
   module = UNet(config)
   x = jnp.zeros((1, config.sample_size, config.sample_size, config.in_channels))
   abstract = jax.eval_shape(module.init, jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
+  return module, restore_params(directory, abstract), meta
+
+
+def restore_params(directory: str, abstract):
+  """The params/ tree of a model directory, restored against `abstract` (shapes, dtypes)."""
   path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"corrupt checkpoint: {path} is missing.")
   try:
-    params = ocp.StandardCheckpointer().restore(path, abstract)
+    return ocp.StandardCheckpointer().restore(path, abstract)
   except Exception as e:  # orbax raises several types for truncated / mismatched trees
     raise ValueError(f"could not restore params from {path}: the files are corrupt or do not "
                      f"match the model config in {MODEL_JSON} ({type(e).__name__}: {e}).") from e
-  return module, params, meta
 
 
 def default_model_dir() -> str:

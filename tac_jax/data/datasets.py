@@ -36,6 +36,12 @@ def digits(size: int = 16, colored: bool = True, seed: int = 0) -> np.ndarray:
   return (bg * (1 - mask) + fg * mask) * 2.0 - 1.0
 
 
+def digit_labels() -> np.ndarray:
+  """[1797] int32 class labels (0..9) of `digits`, in the same order."""
+  from sklearn.datasets import load_digits
+  return load_digits().target.astype(np.int32)
+
+
 def shapes(num: int = 2048, size: int = 16, seed: int = 0) -> np.ndarray:
   """[num, size, size, 3] float32 in [-1, 1]; deterministic in `seed`."""
   rng = np.random.default_rng(seed)

@@ -16,10 +16,14 @@ Online, a compensator wraps any affine sampler step:
     x     = a_i x + b_i (eps_q - d_hat) (+ sigma_i z_i)
     e_hat = phi_i e_hat + b_i d_hat         # ErrorState: error plain PTQ would accumulate
 
-Variants (one code path): `none` (identity), `ptqd` (same-input target, one scale per
-tensor, no intercept, fitted on uncompensated trajectories), `per_step` (same-input
-target, per channel with intercept, uncompensated trajectories) and `tcec` (cumulative
-target, per channel with intercept, sequential).
+Variants (one code path): `none` (identity); `ptqd` (PTQD-style: same-input target, one
+scale per tensor, no intercept, fitted on uncompensated trajectories; the residual's
+variance is absorbed into the sampler noise of stochastic samplers); `per_step`
+(same-input target, per channel with intercept, uncompensated trajectories);
+`tcec`
+(cumulative target, per channel with intercept, sequential); `tcec_ehat` (`tcec` plus the
+carried error estimate e_hat as a regressor, D ~ K eps_q + G e_hat + beta, a 3x3 solve
+per channel and step).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tac_jax import checkpoint as ckpt_lib
-from tac_jax.diffusion.samplers import ApplyFn, Sampler, batch_timestep
+from tac_jax.diffusion.samplers import ApplyFn, Sampler, batch_timestep, step_noise
 from tac_jax.quant import observers
 
 
@@ -47,17 +51,28 @@ class FitConfig:
   per_channel: bool = True        # one (K, beta) per channel, else one per tensor
   intercept: bool = True          # fit beta (else beta = 0)
   ridge: float = 1e-6             # relative Tikhonov term on var(eps_q)
+  e_hat_regressor: bool = False   # also regress on the carried error estimate (G e_hat)
+  absorb_variance: bool = False   # PTQD: fit the part correlated with the float output, and
+                                  # lower the sampler noise by the variance of the rest
 
   def __post_init__(self):
-    if self.target not in ("cumulative", "same_input"):
-      raise ValueError(f"target must be 'cumulative' or 'same_input', got {self.target!r}.")
+    if self.target not in TARGETS:
+      raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}.")
+    if self.e_hat_regressor and not (self.per_channel and self.intercept):
+      raise ValueError("e_hat_regressor needs per_channel=True and intercept=True.")
+
+
+TARGETS = ("cumulative", "same_input")
 
 
 VARIANTS: Dict[str, Optional[FitConfig]] = {
     "none": None,
-    "ptqd": FitConfig(target="same_input", sequential=False, per_channel=False, intercept=False),
     "per_step": FitConfig(target="same_input", sequential=False, per_channel=True, intercept=True),
     "tcec": FitConfig(target="cumulative", sequential=True, per_channel=True, intercept=True),
+    "ptqd": FitConfig(target="same_input", sequential=False, per_channel=False, intercept=False,
+                      absorb_variance=True),
+    "tcec_ehat": FitConfig(target="cumulative", sequential=True, per_channel=True,
+                           intercept=True, e_hat_regressor=True),
 }
 
 
@@ -69,11 +84,14 @@ def get_fit_config(variant: str) -> Optional[FitConfig]:
 
 @flax.struct.dataclass
 class TCECParams:
-  """Per-step, per-channel correction d_hat = K eps_q + beta, and propagation gains phi."""
+  """Per-step, per-channel correction d_hat = K eps_q + beta (+ G e_hat), propagation
+  gains phi, and (PTQD) the residual variance absorbed into the sampler noise."""
   K: jax.Array          # [N, C]
   beta: jax.Array       # [N, C]
   phi: jax.Array        # [N, C]
   timesteps: jax.Array  # [N] the sampler's t_k the params were fitted for
+  G: Optional[jax.Array] = None          # [N, C] coefficient of e_hat (tcec_ehat)
+  noise_var: Optional[jax.Array] = None  # [N] residual variance of eps (ptqd)
 
   @property
   def num_steps(self) -> int:
@@ -128,6 +146,17 @@ def check_calibration_noise(x_T):
   observers.check_calibration_data(x_T, "calibration starting noise x_T")
 
 
+def _solve_with_e_hat(eps_q, e_hat, target, ridge):
+  """Per-channel least squares target ~ K eps_q + G e_hat + beta (3x3 normal equations)."""
+  X = jnp.stack([eps_q, e_hat, jnp.ones_like(eps_q)], axis=-1)      # [..., C, 3]
+  xtx = jnp.einsum("...ci,...cj->cij", X, X)
+  xty = jnp.einsum("...ci,...c->ci", X, target)
+  diag = jnp.diagonal(xtx, axis1=-2, axis2=-1)
+  reg = ridge * diag + 1e-12 * jnp.mean(diag) + jnp.array([0.0, 1e-9, 0.0])  # e_hat = 0 at step 0
+  w = jnp.linalg.solve(xtx + jax.vmap(jnp.diag)(reg), xty[..., None])[..., 0]
+  return w[:, 0], w[:, 2], w[:, 1]
+
+
 def calibrate(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampler,
               x_T: jax.Array, key: jax.Array, fit: FitConfig | str = "tcec",
               phi: Optional[jax.Array] = None, check_finite: bool = True) -> TCECParams:
@@ -139,39 +168,78 @@ def calibrate(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampl
       return zero_params(sampler.coeffs.num_steps, x_T.shape[-1], sampler.coeffs.t, phi)
   c = sampler.coeffs
   C = x_T.shape[-1]
+  phi = c.a[:, None] * jnp.ones((1, C)) if phi is None else jnp.asarray(phi, jnp.float32)
 
   def body(carry, i):
-    s_fp, s_c = carry
+    s_fp, s_c, e_hat = carry
     t = batch_timestep(c.t[i], x_T)
     eps_q = apply_q(var_q, s_c.x, t)
+    G, rho = jnp.zeros((C,)), jnp.zeros(())
     if fit.target == "cumulative":
       eps = apply_fp(var_fp, s_fp.x, t)
       target = (eps_q - eps) + (c.a[i] / c.b[i]) * (s_c.x - s_fp.x)
       s_fp = sampler.step(s_fp, eps, i)
     else:
-      target = eps_q - apply_fp(var_fp, s_c.x, t)
-    k, beta = solve_affine(affine_stats(eps_q, target, fit.per_channel), fit.intercept, fit.ridge)
+      eps_at_c = apply_fp(var_fp, s_c.x, t)
+      target = eps_q - eps_at_c
+    if fit.absorb_variance:
+      # PTQD: eps_q - eps = k eps + r with r uncorrelated with the float output eps, so
+      # eps_q / (1 + k) = eps + r / (1 + k): d_hat = k / (1 + k) eps_q, and r's variance
+      # (over 1 + k) is what the sampler noise can absorb.
+      ref = eps_at_c if fit.target == "same_input" else eps
+      kf, _ = solve_affine(affine_stats(ref, target, fit.per_channel), False, fit.ridge)
+      k, beta = kf / (1 + kf), jnp.zeros_like(kf)
+      rho = jnp.mean((target - kf * ref) ** 2) / jnp.mean((1 + kf) ** 2)
+    elif fit.e_hat_regressor:
+      k, beta, G = _solve_with_e_hat(eps_q, e_hat, target, fit.ridge)
+    else:
+      k, beta = solve_affine(affine_stats(eps_q, target, fit.per_channel), fit.intercept, fit.ridge)
     k, beta = jnp.broadcast_to(k, (C,)), jnp.broadcast_to(beta, (C,))
-    s_c = sampler.step(s_c, eps_q - (k * eps_q + beta) if fit.sequential else eps_q, i)
+    d_hat = k * eps_q + beta + G * e_hat
+    s_c = sampler.step(s_c, eps_q - d_hat if fit.sequential else eps_q, i)
+    e_hat = phi[i] * e_hat + c.b[i] * d_hat
     bad = ~jnp.all(jnp.isfinite(target))
-    return (s_fp, s_c), (k, beta, bad)
+    return (s_fp, s_c, e_hat), (k, beta, G, rho, bad)
 
-  init = (sampler.init(x_T, key), sampler.init(x_T, key))
-  _, (K, beta, bad) = jax.lax.scan(body, init, jnp.arange(c.num_steps))
+  init = (sampler.init(x_T, key), sampler.init(x_T, key), jnp.zeros_like(x_T))
+  _, (K, beta, G, rho, bad) = jax.lax.scan(body, init, jnp.arange(c.num_steps))
   if check_finite and not isinstance(bad, jax.core.Tracer) and bool(jnp.any(bad)):
     raise ValueError("calibration trajectories contain NaN/inf (first bad step "
                      f"{int(jnp.argmax(bad))}); check the quantized model and the input noise.")
-  phi = c.a[:, None] * jnp.ones((1, C)) if phi is None else phi
-  return TCECParams(K=K, beta=beta, phi=jnp.asarray(phi, jnp.float32), timesteps=c.t)
+  return TCECParams(K=K, beta=beta, phi=phi, timesteps=c.t,
+                    G=G if fit.e_hat_regressor else None,
+                    noise_var=rho if fit.absorb_variance else None)
 
 
 def check_params_finite(params: TCECParams, where: str = "calibration") -> TCECParams:
   """Raises ValueError when fitted K / beta hold NaN/inf (for jitted calibrations, whose
   in-scan check cannot raise)."""
-  if not (np.all(np.isfinite(np.asarray(params.K))) and np.all(np.isfinite(np.asarray(params.beta)))):
+  arrays = [a for a in (params.K, params.beta, params.G, params.noise_var) if a is not None]
+  if not all(np.all(np.isfinite(np.asarray(a))) for a in arrays):
     raise ValueError(f"{where} produced NaN/inf parameters; check the quantized model and the "
                      "input noise.")
   return params
+
+
+def resample_params(params: TCECParams, sampler: Sampler) -> TCECParams:
+  """Params fitted for one step count, linearly interpolated in t to `sampler`'s timesteps
+  (calibrate once, sample with another step count); phi is reset to the new a_k."""
+  src = np.asarray(params.timesteps, np.float64)
+  dst = np.asarray(sampler.coeffs.t, np.float64)
+  order = np.argsort(src)
+
+  def interp(a):
+    if a is None:
+      return None
+    a = np.asarray(a, np.float64)
+    cols = a[:, None] if a.ndim == 1 else a
+    out = np.stack([np.interp(dst, src[order], cols[order, j]) for j in range(cols.shape[1])], 1)
+    return jnp.asarray(out[:, 0] if a.ndim == 1 else out, jnp.float32)
+
+  C = params.num_channels
+  return TCECParams(K=interp(params.K), beta=interp(params.beta),
+                    phi=sampler.coeffs.a[:, None] * jnp.ones((1, C)), timesteps=sampler.coeffs.t,
+                    G=interp(params.G), noise_var=interp(params.noise_var))
 
 
 # ----------------------------------------------------------------------------- online use
@@ -201,11 +269,16 @@ def check_params(params: TCECParams, sampler: Sampler, channels: Optional[int] =
   if channels is not None and params.K.shape[1] != channels:
     raise ValueError(f"TCEC params have {params.K.shape[1]} channels but the samples have "
                      f"{channels}; they were fitted for another model.")
+  if params.G is not None and params.G.shape != params.K.shape:
+    raise ValueError(f"TCEC params: G has shape {params.G.shape}, K {params.K.shape}.")
+  if params.noise_var is not None and params.noise_var.shape != (n,):
+    raise ValueError(f"TCEC params: noise_var has shape {params.noise_var.shape}, want {(n,)}.")
 
 
 def compensate(sampler: Sampler, params: Optional[TCECParams]) -> Sampler:
   """Wraps a sampler so each step corrects eps_q; `params=None` is the identity (`none`)."""
   c = sampler.coeffs
+  stochastic = bool(np.any(np.asarray(c.sigma) > 0))
   if params is not None:
     check_params(params, sampler)
 
@@ -218,7 +291,15 @@ def compensate(sampler: Sampler, params: Optional[TCECParams]) -> Sampler:
     if params is None:
       return CompensatedState(sampler.step(state.inner, eps_q, i), state.error)
     d_hat = params.K[i] * eps_q + params.beta[i]
+    if params.G is not None:
+      d_hat = d_hat + params.G[i] * state.error.e_hat
     inner = sampler.step(state.inner, eps_q - d_hat, i)
+    if params.noise_var is not None and stochastic:
+      # PTQD: the uncorrected residual adds variance b^2 rho; take it out of the step noise.
+      sigma = c.sigma[i]
+      reduced = jnp.sqrt(jnp.maximum(sigma ** 2 - c.b[i] ** 2 * params.noise_var[i], 0.0))
+      z = step_noise(state.inner.key, i, eps_q.shape, eps_q.dtype)
+      inner = inner._replace(x=inner.x - (sigma - reduced) * z)
     e_hat = params.phi[i] * state.error.e_hat + c.b[i] * d_hat
     return CompensatedState(inner, ErrorState(e_hat))
 
@@ -227,9 +308,13 @@ def compensate(sampler: Sampler, params: Optional[TCECParams]) -> Sampler:
 
 # ----------------------------------------------------------------------------- persistence
 
+OPTIONAL_FIELDS = ("G", "noise_var")
+
+
 def save_params(directory: str, params: TCECParams, meta: Optional[Dict[str, Any]] = None) -> str:
   directory = os.path.abspath(directory)
   tree = {"K": params.K, "beta": params.beta, "phi": params.phi, "timesteps": params.timesteps}
+  tree.update({k: getattr(params, k) for k in OPTIONAL_FIELDS if getattr(params, k) is not None})
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, "tcec"), jax.device_get(tree), force=True)
   ckptr.wait_until_finished()
@@ -250,12 +335,15 @@ def load_params(directory: str, sampler: Optional[Sampler] = None,
     tree = ocp.StandardCheckpointer().restore(path)
   except Exception as e:
     raise ValueError(f"could not read TCEC params from {path}: {type(e).__name__}: {e}") from e
-  if set(tree) != {"K", "beta", "phi", "timesteps"}:
+  required = {"K", "beta", "phi", "timesteps"}
+  if not required <= set(tree) <= required | set(OPTIONAL_FIELDS):
     raise ValueError(f"corrupt TCEC params at {path}: keys {sorted(tree)}.")
   n, ch = tree["K"].shape
-  for name in ("beta", "phi"):
-    if tree[name].shape != (n, ch):
+  for name in ("beta", "phi", "G"):
+    if name in tree and tree[name].shape != (n, ch):
       raise ValueError(f"corrupt TCEC params: {name} has shape {tree[name].shape}, want {(n, ch)}.")
+  if "noise_var" in tree and tree["noise_var"].shape != (n,):
+    raise ValueError(f"corrupt TCEC params: noise_var shape {tree['noise_var'].shape}, want {(n,)}.")
   if tree["timesteps"].shape != (n,):
     raise ValueError(f"corrupt TCEC params: timesteps shape {tree['timesteps'].shape}, want {(n,)}.")
   params = TCECParams(**{k: jnp.asarray(v) for k, v in tree.items()})
