@@ -1,0 +1,25 @@
+"""The evaluation sweep: settings x methods x samplers x seeds, PTQ options, ablations,
+Frechet distance, error analysis; writes report.md, sweep.json, plots and grids.
+
+  python experiments/sweep.py --outdir=docs/sweep
+  python experiments/sweep.py --config.seeds=0,1,2 --config.samplers=ddim10,ddim25 --outdir=runs/s
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tac_jax import launch, sweep
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep.py", "Sweep config.")
+_OUTDIR = flags.DEFINE_string("outdir", "runs/sweep", "Report, JSON and figures go here.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  launch.maybe_initialize_distributed()
+  sweep.Sweep(_CONFIG.value, _OUTDIR.value).run()
+
+
+if __name__ == "__main__":
+  app.run(main)

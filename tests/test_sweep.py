@@ -1,0 +1,62 @@
+"""The sweep end to end on a tiny model (every stage, tiny sizes), through its launcher."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from tac_jax import checkpoint as ckpt_lib
+from tac_jax import sweep
+from tac_jax.models import UNetConfig, init_unet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model16(tmp_path_factory):
+  cfg = UNetConfig(sample_size=16, block_out_channels=(8, 16), attention_levels=(1,),
+                   attention_head_dim=16, norm_num_groups=4)
+  _, params = init_unet(cfg, jax.random.key(0))
+  d = str(tmp_path_factory.mktemp("model16"))
+  ckpt_lib.save_model(d, params, {"model": cfg.to_dict()})
+  return d
+
+
+def test_sweep_launcher_writes_report(model16, tmp_path):
+  out = str(tmp_path / "sweep")
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
+         f"--config={os.path.join(ROOT, 'configs', 'sweep.py')}", f"--outdir={out}",
+         f"--config.checkpoint={model16}", "--config.seeds=0", "--config.settings=W4A8",
+         "--config.methods=none,ptqd,tcec", "--config.samplers=ddim2,ddim3,ddpm2",
+         "--config.ref_sampler=ddim3", "--config.ptq_options=minmax,minmax_tg2",
+         "--config.num_calib=8", "--config.num_eval=8", "--config.num_fd=24",
+         "--config.ablation_settings=W4A8", "--config.calib_sizes=4"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(out, "sweep.json")) as f:
+    res = json.load(f)
+  main = [r for r in res["records"] if r["kind"] == "main"]
+  assert len(main) == 3 * 3  # methods x samplers
+  assert {r["sampler"] for r in main} == {"ddim2", "ddim3", "ddpm2"}
+  assert len([r for r in res["records"] if r["kind"] == "ptq"]) == 2
+  abl = {r["ablation"] for r in res["ablations"]}
+  assert "+ e_hat regressor" in abl and "calibration samples = 4" in abl
+  assert "calibrated at ddim2, sampled at ddim3" in abl
+  assert res["fd"][0]["setting"] == "float" and len(res["fd"]) == 1 + 3
+  assert all(r["fd_vs_float"] >= 0 for r in res["fd"])
+  report = open(os.path.join(out, "report.md")).read()
+  for section in ("PSNR (dB) by setting", "PTQ options", "Frechet distance", "Ablations",
+                  "Error analysis"):
+    assert section in report
+  for fig in ("psnr_vs_steps.png", "error_vs_step.png", "grid_W4A8.png"):
+    assert os.path.getsize(os.path.join(out, fig)) > 1000
+
+
+def test_sweep_rejects_bad_names():
+  with pytest.raises(ValueError, match="ddim<steps>"):
+    sweep.parse_sampler("euler20")
+  with pytest.raises(ValueError, match="PTQ option"):
+    sweep.ptq_option("minmax_tgx")
