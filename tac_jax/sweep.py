@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import jax
 import jax.numpy as jnp
@@ -188,8 +188,8 @@ class Sweep:
                 self.frechet(qm, seed, setting, fx)
             if setting in parse_list(cfg.ablation_settings, SETTINGS, "setting"):
               self.ablations(qm, seed, setting)
-      self.save()
-    return self.save(final=True)
+      self.save(report=True)  # a complete report after every seed
+    return self.save(report=True)
 
   def analysis(self, qm, seed: _Seed, setting: str):
     s, jitted = self.samplers[self.cfg.ref_sampler]
@@ -221,7 +221,7 @@ class Sweep:
       self.extra["fd"].append({"setting": "float", "method": "-", "fd_vs_float": 0.0,
                                "fd_vs_data": floor, "n": int(cfg.num_fd)})
       self.log(f"Frechet distance, float model vs data ({cfg.num_fd} samples): {floor:.3f}")
-    for method in self.methods:
+    for method in parse_list(cfg.fd_methods, self.methods, "FD method"):
       params = self.fit(qm, seed, sname, method)
       x_q, _, _ = jitted.run(qm.apply_fn("fake"), qm.variables, params, x, key)
       f = fx(np.clip(np.asarray(x_q), -1, 1))
@@ -251,12 +251,12 @@ class Sweep:
 
   # --------------------------------------------------------------------------- output
 
-  def save(self, final: bool = False) -> Dict[str, Any]:
+  def save(self, report: bool = False) -> Dict[str, Any]:
     out = {"config": self.cfg.to_dict(), "records": self.records, **self.extra,
            "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
     with open(os.path.join(self.outdir, "sweep.json"), "w") as f:
       json.dump(out, f, indent=1)
-    if final:
+    if report:
       report = write_report(out, self.outdir, self.samplers, self.grid_samples)
       self.log(f"wrote {self.outdir}/sweep.json, report.md and figures")
       out["report"] = report
@@ -289,7 +289,7 @@ def write_report(out: Dict[str, Any], outdir: str, sampler_map=None, grid_sample
   settings = list(dict.fromkeys(r["setting"] for r in main))
   methods = list(dict.fromkeys(r["method"] for r in main))
   snames = list(dict.fromkeys(r["sampler"] for r in main))
-  lines = [f"# Sweep report\n",
+  lines = ["# Sweep report\n",
            f"`python experiments/sweep.py --outdir={outdir}` on the embedded default model; "
            f"seeds {seeds}; {cfg['num_calib']} calibration and {cfg['num_eval']} evaluation "
            f"samples per seed; PSNR / SSIM of final samples against the float model's samples "
@@ -382,25 +382,27 @@ def write_report(out: Dict[str, Any], outdir: str, sampler_map=None, grid_sample
   steps_of = {n: parse_sampler(n) for n in snames}
   ddim = sorted([n for n in snames if steps_of[n][0] == "ddim"], key=lambda n: steps_of[n][1])
   figs = []
-  if len(ddim) > 1:
+  def panels(path, draw, xlabel, ylabel, log=False):
+    """One panel per setting; draw(ax, setting) plots the curves."""
     fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False)
     for ax, s in zip(axes[0], settings):
-      for m in methods:
-        ys = [np.mean([r["psnr"] for r in g.get((s, m, n), [])]) for n in ddim]
-        es = [np.std([r["psnr"] for r in g.get((s, m, n), [])]) for n in ddim]
-        ax.errorbar([steps_of[n][1] for n in ddim], ys, yerr=es, marker="o", label=m, capsize=3)
-      ax.set_title(s)
-      ax.set_xlabel("DDIM steps")
-      ax.set_ylabel("PSNR vs float (dB)")
+      draw(ax, s)
+      ax.set(title=s, xlabel=xlabel, ylabel=ylabel, yscale="log" if log else "linear")
       ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(outdir, "psnr_vs_steps.png"), dpi=110)
+    fig.savefig(os.path.join(outdir, path), dpi=110)
     plt.close(fig)
-    figs.append(("PSNR vs sampling steps", "psnr_vs_steps.png"))
+
+  def psnr_curves(ax, s):
+    for m in methods:
+      vals = [[r["psnr"] for r in g.get((s, m, n), [])] for n in ddim]
+      ax.errorbar([steps_of[n][1] for n in ddim], [np.mean(v) for v in vals],
+                  yerr=[np.std(v) for v in vals], marker="o", label=m, capsize=3)
+
   ref = cfg["ref_sampler"]
-  fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False)
-  for ax, s in zip(axes[0], settings):
+
+  def error_curves(ax, s):
     for m in methods:
       curves = [r["error_rms_per_step"] for r in g.get((s, m, ref), []) if "error_rms_per_step" in r]
       if curves:
@@ -408,15 +410,11 @@ def write_report(out: Dict[str, Any], outdir: str, sampler_map=None, grid_sample
     an = [r for r in out["analysis"] if r["setting"] == s]
     if an:
       ax.plot(an[0]["closed_form_rms"], "k--", label="closed form (none)")
-    ax.set_yscale("log")
-    ax.set_title(s)
-    ax.set_xlabel(f"step ({ref})")
-    ax.set_ylabel("cumulative error RMS")
-    ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(outdir, "error_vs_step.png"), dpi=110)
-  plt.close(fig)
+
+  if len(ddim) > 1:
+    panels("psnr_vs_steps.png", psnr_curves, "DDIM steps", "PSNR vs float (dB)")
+    figs.append(("PSNR vs sampling steps", "psnr_vs_steps.png"))
+  panels("error_vs_step.png", error_curves, f"step ({ref})", "cumulative error RMS", log=True)
   figs.append(("Cumulative error per step (mean over seeds)", "error_vs_step.png"))
   for s, rows in (grid_samples or {}).items():
     path = f"grid_{s}.png"

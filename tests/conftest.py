@@ -3,6 +3,8 @@ import os
 import sys
 import types
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -16,3 +18,25 @@ def load_config(name: str):
 
 
 sys.modules["configs_loader"] = types.SimpleNamespace(load_config=load_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+  """tiny_model_dir(sample_size) -> a saved model directory of a tiny random UNet."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from tac_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from tac_jax.models import UNetConfig, init_unet  # pylint: disable=import-outside-toplevel
+  made = {}
+
+  def make(sample_size: int = 8) -> str:
+    if sample_size not in made:
+      cfg = UNetConfig(sample_size=sample_size, block_out_channels=(8, 16), attention_levels=(1,),
+                       attention_head_dim=16, norm_num_groups=4)
+      _, params = init_unet(cfg, jax.random.key(0))
+      d = str(tmp_path_factory.mktemp(f"model{sample_size}"))
+      checkpoint.save_model(d, params, {"model": cfg.to_dict(), "schedule": {
+          "name": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}})
+      made[sample_size] = d
+    return made[sample_size]
+
+  return make

@@ -8,23 +8,14 @@ import sys
 import jax
 import pytest
 
-from tac_jax import checkpoint as ckpt_lib
 from tac_jax import pipeline
-from tac_jax.models import UNetConfig, init_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-  cfg = UNetConfig(sample_size=8, block_out_channels=(8, 16), attention_levels=(1,),
-                   attention_head_dim=16, norm_num_groups=4)
-  _, params = init_unet(cfg, jax.random.key(0))
-  d = str(tmp_path_factory.mktemp("model"))
-  ckpt_lib.save_model(d, params, {"model": cfg.to_dict(),
-                                  "schedule": {"name": "linear", "num_timesteps": 1000,
-                                               "beta_start": 1e-4, "beta_end": 0.02}})
-  return d
+def tiny_model(tiny_model_dir):
+  return tiny_model_dir(8)
 
 
 def test_main_job_launcher_writes_results(tiny_model, tmp_path):

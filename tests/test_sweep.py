@@ -5,24 +5,16 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
-from tac_jax import checkpoint as ckpt_lib
 from tac_jax import sweep
-from tac_jax.models import UNetConfig, init_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def model16(tmp_path_factory):
-  cfg = UNetConfig(sample_size=16, block_out_channels=(8, 16), attention_levels=(1,),
-                   attention_head_dim=16, norm_num_groups=4)
-  _, params = init_unet(cfg, jax.random.key(0))
-  d = str(tmp_path_factory.mktemp("model16"))
-  ckpt_lib.save_model(d, params, {"model": cfg.to_dict()})
-  return d
+def model16(tiny_model_dir):
+  return tiny_model_dir(16)
 
 
 def test_sweep_launcher_writes_report(model16, tmp_path):
@@ -32,7 +24,7 @@ def test_sweep_launcher_writes_report(model16, tmp_path):
          f"--config.checkpoint={model16}", "--config.seeds=0", "--config.settings=W4A8",
          "--config.methods=none,ptqd,tcec", "--config.samplers=ddim2,ddim3,ddpm2",
          "--config.ref_sampler=ddim3", "--config.ptq_options=minmax,minmax_tg2",
-         "--config.num_calib=8", "--config.num_eval=8", "--config.num_fd=24",
+         "--config.num_calib=8", "--config.num_eval=8", "--config.num_fd=24", "--config.fd_methods=none,tcec",
          "--config.ablation_settings=W4A8", "--config.calib_sizes=4"]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -45,7 +37,7 @@ def test_sweep_launcher_writes_report(model16, tmp_path):
   abl = {r["ablation"] for r in res["ablations"]}
   assert "+ e_hat regressor" in abl and "calibration samples = 4" in abl
   assert "calibrated at ddim2, sampled at ddim3" in abl
-  assert res["fd"][0]["setting"] == "float" and len(res["fd"]) == 1 + 3
+  assert res["fd"][0]["setting"] == "float" and len(res["fd"]) == 1 + 2
   assert all(r["fd_vs_float"] >= 0 for r in res["fd"])
   report = open(os.path.join(out, "report.md")).read()
   for section in ("PSNR (dB) by setting", "PTQ options", "Frechet distance", "Ablations",
