@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tac_jax import errors
+from tac_jax.host import to_host  # noqa: F401  (re-exported)
 from tac_jax.diffusion import samplers
 
 DATA_AXIS = "data"
@@ -63,16 +64,6 @@ def replicate(tree, mesh: Mesh):
   """Places a pytree (variables, TCEC params) whole on every device of the mesh."""
   sharding = NamedSharding(mesh, P())
   return jax.tree.map(lambda x: _put(x, sharding), tree)
-
-
-def to_host(x) -> np.ndarray:
-  """A (possibly sharded, possibly multi-process) array as numpy, on every process."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    if x.is_fully_replicated:
-      return np.asarray(x.addressable_data(0))
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None,

@@ -259,7 +259,7 @@ def save_figures(ctx: _Context, entries: List[Dict[str, Any]], outdir: str) -> N
   tag, best = f"{setting}_{obs}", ctx.best
   viz.save_comparison(
       os.path.join(outdir, f"grid_{tag}.png"),
-      {"float": np.clip(parallel.to_host(ctx.x_fp), -1, 1),
+      {"float": np.clip(ctx.samples["float"], -1, 1),
        f"PTQ {setting}": np.clip(ctx.samples[(tag, "none")], -1, 1),
        f"+{best.upper()}": np.clip(ctx.samples[(tag, best)], -1, 1)})
   report = by_variant["none"]["propagation"]
@@ -327,6 +327,8 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) ->
                  x_eval=x_eval, key_eval=key_eval, x_fp=x_fp, fp_out=fp_out,
                  num_timesteps=schedule.num_timesteps, variants=variants,
                  best=("tcec" if "tcec" in variants else variants[-1]))
+  # Every process gathers what the writer needs (a gather is a collective: all must call it).
+  ctx.samples["float"] = parallel.to_host(x_fp)
   results: Dict[str, Any] = {"config": config.to_dict(), "checkpoint": m["checkpoint"],
                              "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
                              "processes": jax.process_count(),

@@ -4,10 +4,13 @@ single-device run.
 XLA_FLAGS must be set before JAX starts, so the checks run in a child process.
 """
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,3 +104,42 @@ def test_main_job_data_parallel_matches_single_device(tmp_path):
   assert proc.returncode == 0 and "PIPELINE_SHARDED_OK" in proc.stdout, (
       proc.stdout[-2000:] + proc.stderr[-3000:])
   assert "data parallel over 4 devices" in proc.stdout
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_main_job_on_two_processes(tiny_model_dir, tmp_path):
+  """--distributed: two processes x two CPU devices each, one global mesh (as on a pod)."""
+  out = str(tmp_path / "run")
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "quantize.py"),
+         f"--config={os.path.join(ROOT, 'configs', 'quantize.py')}",
+         f"--config.checkpoint={tiny_model_dir(8)}", f"--outdir={out}",
+         "--config.num_steps=2", "--config.num_calib=8", "--config.num_eval=8",
+         "--config.settings=W8A8", "--config.observers=minmax", "--config.variants=none,tcec",
+         "--config.timing_repeats=0", "--config.int_path=False", "--distributed",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (so, se) in zip(procs, outs):
+    assert p.returncode == 0, so[-2000:] + se[-3000:]
+  assert "data parallel over 4 devices (2 process(es))" in outs[0][0]
+  with open(os.path.join(out, "results.json")) as f:   # written by process 0 only
+    res = json.load(f)
+  assert res["processes"] == 2
+  psnr = {r["variant"]: r["psnr_fake"]["mean"] for r in res["runs"]}
+  assert np.isfinite(psnr["none"]) and psnr["tcec"] > psnr["none"]
+
+
+def test_distributed_flags_need_distributed():
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "quantize.py"), "--num_processes=2"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert proc.returncode != 0 and "without --distributed" in proc.stderr

@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tac_jax import checkpoint as ckpt_lib
+from tac_jax.host import to_host
 from tac_jax.diffusion.samplers import ApplyFn, Sampler, batch_timestep, step_noise
 from tac_jax.quant import observers
 
@@ -215,7 +216,7 @@ def check_params_finite(params: TCECParams, where: str = "calibration") -> TCECP
   """Raises ValueError when fitted K / beta hold NaN/inf (for jitted calibrations, whose
   in-scan check cannot raise)."""
   arrays = [a for a in (params.K, params.beta, params.G, params.noise_var) if a is not None]
-  if not all(np.all(np.isfinite(np.asarray(a))) for a in arrays):
+  if not all(np.all(np.isfinite(to_host(a))) for a in arrays):
     raise ValueError(f"{where} produced NaN/inf parameters; check the quantized model and the "
                      "input noise.")
   return params
@@ -224,14 +225,14 @@ def check_params_finite(params: TCECParams, where: str = "calibration") -> TCECP
 def resample_params(params: TCECParams, sampler: Sampler) -> TCECParams:
   """Params fitted for one step count, linearly interpolated in t to `sampler`'s timesteps
   (calibrate once, sample with another step count); phi is reset to the new a_k."""
-  src = np.asarray(params.timesteps, np.float64)
+  src = to_host(params.timesteps).astype(np.float64)
   dst = np.asarray(sampler.coeffs.t, np.float64)
   order = np.argsort(src)
 
   def interp(a):
     if a is None:
       return None
-    a = np.asarray(a, np.float64)
+    a = to_host(a).astype(np.float64)
     cols = a[:, None] if a.ndim == 1 else a
     out = np.stack([np.interp(dst, src[order], cols[order, j]) for j in range(cols.shape[1])], 1)
     return jnp.asarray(out[:, 0] if a.ndim == 1 else out, jnp.float32)
@@ -263,7 +264,7 @@ def check_params(params: TCECParams, sampler: Sampler, channels: Optional[int] =
     raise ValueError(f"TCEC params were fitted for {params.K.shape[0]} sampler steps but the "
                      f"sampler runs {n}; calibrate for this sampler.")
   if not isinstance(params.timesteps, jax.core.Tracer) and not np.array_equal(
-      np.asarray(params.timesteps), np.asarray(sampler.coeffs.t)):
+      to_host(params.timesteps), to_host(sampler.coeffs.t)):
     raise ValueError("TCEC params were fitted for different timesteps than this sampler's; "
                      "calibrate with the same schedule, step count and spacing.")
   if channels is not None and params.K.shape[1] != channels:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tac_jax.host import to_host
 from tac_jax.diffusion.samplers import ApplyFn, Sampler, batch_timestep
 
 
@@ -161,4 +162,4 @@ def propagation_report(trace: PropagationTrace, a, b, phi) -> Dict[str, np.ndarr
       "one_step_jvp_rel_err": rel(one_step),
       "per_step_error_rms": rms_per_step(_bcast(b, trace.d) * trace.d),
   }
-  return {k: np.asarray(v) for k, v in out.items()}
+  return {k: to_host(v) for k, v in out.items()}

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tac_jax.host import to_host
 from tac_jax.quant import core
 
 
@@ -22,11 +23,10 @@ def check_calibration_data(x, what: str = "calibration data") -> None:
   """Raises ValueError for empty or non-finite data (no-op on traced values)."""
   if isinstance(x, jax.core.Tracer):
     return
-  arr = np.asarray(x)
-  if arr.size == 0:
+  if np.size(x) == 0:
     raise ValueError(f"{what} is empty; pass at least one sample.")
-  if not np.all(np.isfinite(arr)):
-    n_bad = int(np.sum(~np.isfinite(arr)))
+  n_bad = int(to_host(jnp.sum(~jnp.isfinite(jnp.asarray(x)))))  # sharded data: an all-reduce
+  if n_bad:
     raise ValueError(
         f"{what} contains {n_bad} NaN/inf values; clean the data (or check the model "
         "that produced it) before calibrating.")

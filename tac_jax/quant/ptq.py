@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from tac_jax.host import to_host
 from tac_jax.quant import core
 from tac_jax.quant import int_ops
 from tac_jax.quant import observers
@@ -166,7 +167,7 @@ def _collect_activation_stats(module, params, calib: List[CalibBatch], config: Q
   stats: Dict[str, List[List[np.ndarray]]] = {}
   for x, t in calib:
     g = 0 if t is None else int(time_group(t, num_timesteps, config.time_groups))
-    rec = observe(params, x, t)
+    rec = jax.tree.map(to_host, observe(params, x, t))
     flat = traverse_util.flatten_dict(rec, is_leaf=lambda k, v: isinstance(v, tuple))
     for key, calls in flat.items():
       path = "/".join(key[:-1])
