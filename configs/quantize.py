@@ -15,7 +15,7 @@ def get_config():
   c.num_eval = 64                   # held-out evaluation seeds
   c.settings = "W8A8,W4A8,W4A4"
   c.observers = "minmax,mse"        # PTQ observers (weights and activations)
-  c.variants = "none,ptqd,per_step,tcec"
+  c.variants = "none,ptqd,per_step,tcec,tcec_ehat"  # the last one is shown in grids and timed
   c.int_path = True                 # also evaluate the int8 x int8 -> int32 path
   c.timing_repeats = 4              # overhead timing (first observer); 0 disables it
   c.data_parallel = True            # split the seeds over all devices when there are several

@@ -416,15 +416,37 @@ def write_report(out: Dict[str, Any], outdir: str, sampler_map=None, grid_sample
     figs.append(("PSNR vs sampling steps", "psnr_vs_steps.png"))
   panels("error_vs_step.png", error_curves, f"step ({ref})", "cumulative error RMS", log=True)
   figs.append(("Cumulative error per step (mean over seeds)", "error_vs_step.png"))
-  for s, rows in (grid_samples or {}).items():
+  for s in settings:
     path = f"grid_{s}.png"
-    viz.save_comparison(os.path.join(outdir, path),
-                        {k: np.clip(np.asarray(v), -1, 1) for k, v in rows.items()})
-    figs.append((f"{s} samples at {ref}, seed {seeds[0]}: float, then each method", path))
+    if grid_samples and s in grid_samples:
+      viz.save_comparison(os.path.join(outdir, path),
+                          {k: np.clip(np.asarray(v), -1, 1) for k, v in grid_samples[s].items()})
+    if os.path.exists(os.path.join(outdir, path)):  # re-rendered reports keep earlier grids
+      figs.append((f"{s} samples at {ref}, seed {seeds[0]}: float, then each method", path))
   lines.append("## Figures\n")
   for title, path in figs:
     lines.append(f"{title}:\n\n![{title}]({path})\n")
   report = "\n".join(lines)
   with open(os.path.join(outdir, "report.md"), "w") as f:
     f.write(report)
+  with open(os.path.join(outdir, "headline.md"), "w") as f:
+    f.write(headline_table(out))
   return report
+
+
+def headline_table(out: Dict[str, Any]) -> str:
+  """Per setting and method at the reference sampler: PSNR, SSIM (mean ± std over seeds)
+  and the Frechet distance to real data (first seed)."""
+  ref = out["config"]["ref_sampler"]
+  main = [r for r in out["records"] if r["kind"] == "main" and r["sampler"] == ref]
+  g = _group(main, ("setting", "method"))
+  fd = {(r["setting"], r["method"]): r["fd_vs_data"] for r in out["fd"]}
+  floor = fd.get(("float", "-"))
+  lines = ["| setting | method | PSNR (dB) | SSIM | FD vs data |", "|---|---|---|---|---|"]
+  for (s, m), rs in g.items():
+    f = fd.get((s, m))
+    lines.append(f"| {s} | {m} | {_mean_std([r['psnr'] for r in rs])} | "
+                 f"{np.mean([r['ssim'] for r in rs]):.3f} | {'-' if f is None else f'{f:.1f}'} |")
+  if floor is not None:
+    lines.append(f"| float | - | - | - | {floor:.1f} |")
+  return "\n".join(lines) + "\n"

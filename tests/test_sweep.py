@@ -43,6 +43,8 @@ def test_sweep_launcher_writes_report(model16, tmp_path):
   for section in ("PSNR (dB) by setting", "PTQ options", "Frechet distance", "Ablations",
                   "Error analysis"):
     assert section in report
+  headline = open(os.path.join(out, "headline.md")).read()
+  assert "| W4A8 | tcec |" in headline and "| float | - |" in headline
   for fig in ("psnr_vs_steps.png", "error_vs_step.png", "grid_W4A8.png"):
     assert os.path.getsize(os.path.join(out, fig)) > 1000
 
