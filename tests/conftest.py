@@ -17,7 +17,14 @@ def load_config(name: str):
   return mod.get_config()
 
 
-sys.modules["configs_loader"] = types.SimpleNamespace(load_config=load_config)
+def launcher_cmd(script: str, config: str, *flags: str):
+  """argv running experiments/<script>.py with configs/<config>.py and `flags`."""
+  return [sys.executable, os.path.join(ROOT, "experiments", f"{script}.py"),
+          f"--config={os.path.join(ROOT, 'configs', f'{config}.py')}", *flags]
+
+
+sys.modules["configs_loader"] = types.SimpleNamespace(load_config=load_config,
+                                                      launcher_cmd=launcher_cmd)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ import textwrap
 
 import numpy as np
 
+from configs_loader import launcher_cmd
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
@@ -119,14 +121,13 @@ def test_main_job_on_two_processes(tiny_model_dir, tmp_path):
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, os.path.join(ROOT, "experiments", "quantize.py"),
-         f"--config={os.path.join(ROOT, 'configs', 'quantize.py')}",
+  cmd = launcher_cmd("quantize", "quantize",
          f"--config.checkpoint={tiny_model_dir(8)}", f"--outdir={out}",
          "--config.num_steps=2", "--config.num_calib=8", "--config.num_eval=8",
          "--config.settings=W8A8", "--config.observers=minmax", "--config.variants=none,tcec",
          "--config.timing_repeats=0", "--config.int_path=False", "--distributed",
-         f"--coordinator_address=localhost:{port}", "--num_processes=2"]
-  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=env, text=True,
+         f"--coordinator_address=localhost:{port}", "--num_processes=2")
+  procs = [subprocess.Popen([*cmd, f"--process_id={i}"], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (so, se) in zip(procs, outs):

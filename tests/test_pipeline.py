@@ -3,11 +3,11 @@
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import pytest
 
+from configs_loader import launcher_cmd
 from tac_jax import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,12 +20,11 @@ def tiny_model(tiny_model_dir):
 
 def test_main_job_launcher_writes_results(tiny_model, tmp_path):
   out = str(tmp_path / "run")
-  cmd = [sys.executable, os.path.join(ROOT, "experiments", "quantize.py"),
-         f"--config={os.path.join(ROOT, 'configs', 'quantize.py')}",
+  cmd = launcher_cmd("quantize", "quantize",
          f"--config.checkpoint={tiny_model}", f"--outdir={out}",
          "--config.num_steps=4", "--config.num_calib=8", "--config.num_eval=8",
          "--config.settings=W8A8,W4A4", "--config.observers=minmax",
-         "--config.variants=none,tcec", "--config.timing_repeats=0"]
+         "--config.variants=none,tcec", "--config.timing_repeats=0")
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "PSNR vs float" in proc.stdout  # progress output

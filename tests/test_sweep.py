@@ -3,29 +3,23 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
+from configs_loader import launcher_cmd
 from tac_jax import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def model16(tiny_model_dir):
-  return tiny_model_dir(16)
-
-
-def test_sweep_launcher_writes_report(model16, tmp_path):
+def test_sweep_launcher_writes_report(tiny_model_dir, tmp_path):
   out = str(tmp_path / "sweep")
-  cmd = [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
-         f"--config={os.path.join(ROOT, 'configs', 'sweep.py')}", f"--outdir={out}",
-         f"--config.checkpoint={model16}", "--config.seeds=0", "--config.settings=W4A8",
+  cmd = launcher_cmd("sweep", "sweep", f"--outdir={out}",
+         f"--config.checkpoint={tiny_model_dir(16)}", "--config.seeds=0", "--config.settings=W4A8",
          "--config.methods=none,ptqd,tcec", "--config.samplers=ddim2,ddim3,ddpm2",
          "--config.ref_sampler=ddim3", "--config.ptq_options=minmax,minmax_tg2",
          "--config.num_calib=8", "--config.num_eval=8", "--config.num_fd=24", "--config.fd_methods=none,tcec",
-         "--config.ablation_settings=W4A8", "--config.calib_sizes=4"]
+         "--config.ablation_settings=W4A8", "--config.calib_sizes=4")
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(out, "sweep.json")) as f:

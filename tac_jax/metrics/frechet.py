@@ -12,7 +12,6 @@ data set, **not** Inception FID, and not comparable with published FID numbers.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
