@@ -31,7 +31,7 @@ def quantized_default_model(setting: str, steps: int, batch: int) -> Setup:
   key = jax.random.key(1)
   var_fp = {"params": params}
   _, traj = samplers.sample(module.apply, var_fp, sampler, x, key, return_trajectory=True)
-  calib = [(traj[i], int(sampler.coeffs.t[i])) for i in range(steps)]
+  calib = samplers.calibration_batches(traj, sampler.coeffs)
   w, a = pipeline.SETTINGS[setting]
   qm = quant.quantize_model(module, params, calib,
                             quant.QuantConfig(w_bits=w, a_bits=a, keep_8bit=KEEP_8BIT))

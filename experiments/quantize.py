@@ -6,7 +6,7 @@
   python experiments/quantize.py --distributed ...     # multi-host (see README, "Scale out")
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from tac_jax import launch, pipeline
@@ -15,12 +15,5 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/quantize.py", "Main
 _OUTDIR = flags.DEFINE_string("outdir", "runs/main", "Results, grids and plots go here.")
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  launch.maybe_initialize_distributed()
-  pipeline.run(_CONFIG.value, _OUTDIR.value)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(launch.job(lambda: pipeline.run(_CONFIG.value, _OUTDIR.value)))

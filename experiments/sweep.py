@@ -5,7 +5,7 @@ Frechet distance, error analysis; writes report.md, sweep.json, plots and grids.
   python experiments/sweep.py --config.seeds=0,1,2 --config.samplers=ddim10,ddim25 --outdir=runs/s
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from tac_jax import launch, sweep
@@ -14,12 +14,5 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep.py", "Sweep c
 _OUTDIR = flags.DEFINE_string("outdir", "runs/sweep", "Report, JSON and figures go here.")
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  launch.maybe_initialize_distributed()
-  sweep.Sweep(_CONFIG.value, _OUTDIR.value).run()
-
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(launch.job(lambda: sweep.Sweep(_CONFIG.value, _OUTDIR.value).run()))

@@ -9,7 +9,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from tac_jax import launch
@@ -22,10 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default_model", "Checkpoints and
 _EXPORT = flags.DEFINE_string("export_dir", None, "Also export the EMA params as a model dir.")
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # keep orbax's INFO lines out of the progress output
-  launch.maybe_initialize_distributed()
+def main():
   config = _CONFIG.value
   t0 = time.time()
   out = train_lib.train(config, _WORKDIR.value, export_dir=_EXPORT.value)
@@ -49,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(launch.job(main))

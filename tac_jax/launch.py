@@ -7,7 +7,9 @@
         --num_processes=2 --process_id=$RANK
 """
 
-from absl import flags
+from typing import Callable
+
+from absl import flags, logging
 
 from tac_jax import parallel
 
@@ -37,3 +39,16 @@ def maybe_initialize_distributed() -> bool:
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   local)
   return True
+
+
+def job(run: Callable[[], object]) -> Callable:
+  """The `main(argv)` of a launcher: quiet library logging (progress is printed), start
+  multi-host JAX when asked, then `run()`."""
+
+  def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # keep orbax's INFO lines out of the progress
+    maybe_initialize_distributed()
+    run()
+
+  return main

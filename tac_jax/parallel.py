@@ -39,11 +39,13 @@ def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def check_divisible(batch: int, mesh: Mesh) -> None:
+def check_divisible(batch: int, mesh: Mesh, what: Optional[str] = None, hint: str = "") -> None:
+  """ValueError naming `what` (default: the batch) when `batch` does not divide over the mesh."""
   n = mesh.shape[DATA_AXIS]
   if batch % n:
-    raise ValueError(f"batch of {batch} samples does not divide over {n} devices; use a "
-                     f"multiple of {n} (e.g. {batch + (-batch) % n}).")
+    what = what or f"batch of {batch} samples"
+    raise ValueError(f"{what} does not divide over {n} devices; use a multiple of {n} "
+                     f"(e.g. {batch + (-batch) % n}){hint}.")
 
 
 def _put(x, sharding: NamedSharding):

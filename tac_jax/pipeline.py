@@ -161,6 +161,15 @@ def load(config) -> Dict[str, Any]:
           "checkpoint": directory}
 
 
+def seed_noise(seed: int, num_calib: int, num_eval: int, shape):
+  """(x_cal, key_cal, x_eval, key_eval): the starting noise and step-noise keys of the
+  calibration and evaluation seeds derived from `seed` (disjoint streams)."""
+  k_cal, k_eval = jax.random.split(jax.random.key(seed))
+  x_cal = jax.random.normal(jax.random.fold_in(k_cal, 0), (num_calib,) + tuple(shape))
+  x_eval = jax.random.normal(jax.random.fold_in(k_eval, 0), (num_eval,) + tuple(shape))
+  return x_cal, jax.random.fold_in(k_cal, 1), x_eval, jax.random.fold_in(k_eval, 1)
+
+
 def quant_config(config, w_bits: int, a_bits: int, observer: str) -> quant.QuantConfig:
   q = config.quant
   return quant.QuantConfig(w_bits=w_bits, a_bits=a_bits, w_per_channel=q.w_per_channel,
@@ -235,9 +244,8 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
       entry[f"ssim_{mode}"] = _stats(metrics.ssim(x_q, ctx.x_fp))
       if mode == "fake":
         ctx.samples[(tag, v)] = parallel.to_host(x_q)
-        q_out = jnp.concatenate([traj_q[1:], x_q[None]])
-        entry["error_rms_per_step"] = parallel.to_host(
-            propagation.rms_per_step(q_out - ctx.fp_out)).tolist()
+        entry["error_rms_per_step"] = parallel.to_host(propagation.rms_per_step(
+            samplers.step_outputs(traj_q, x_q) - ctx.fp_out)).tolist()
     if v == "none":
       entry["propagation"] = {k: parallel.to_host(a).tolist() for k, a in report.items()}
     entries.append(entry)
@@ -295,18 +303,14 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) ->
                                   config.spacing)
   N = sampler.coeffs.num_steps
   shape = (mc.sample_size, mc.sample_size, mc.in_channels)
-  root = jax.random.key(config.seed)
-  k_cal, k_eval = jax.random.split(root)
-  x_cal = jax.random.normal(jax.random.fold_in(k_cal, 0), (config.num_calib,) + shape)
-  x_eval = jax.random.normal(jax.random.fold_in(k_eval, 0), (config.num_eval,) + shape)
-  key_cal, key_eval = jax.random.fold_in(k_cal, 1), jax.random.fold_in(k_eval, 1)
+  x_cal, key_cal, x_eval, key_eval = seed_noise(config.seed, config.num_calib,
+                                                 config.num_eval, shape)
   mesh = parallel.auto_mesh(config.get("data_parallel", True))
   if mesh is not None:  # data parallel: seeds split over devices, everything else replicated
     n = mesh.shape[parallel.DATA_AXIS]
     for name in ("num_calib", "num_eval"):
-      if config[name] % n:
-        raise ValueError(f"config.{name}={config[name]} does not divide over {n} devices; use "
-                         f"a multiple of {n} or --config.data_parallel=False.")
+      parallel.check_divisible(config[name], mesh, f"config.{name}={config[name]}",
+                               " or --config.data_parallel=False")
     x_cal, x_eval = parallel.shard_batch(x_cal, mesh), parallel.shard_batch(x_eval, mesh)
     params = parallel.replicate(params, mesh)
     log(f"data parallel over {n} devices ({jax.process_count()} process(es)): "
@@ -319,8 +323,8 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) ->
   comp_only = make_compensation_only(sampler)
   x_fp_cal, traj_fp_cal, _ = jitted.run(fp, var_fp, none_params, x_cal, key_cal)
   x_fp, traj_fp, _ = jitted.run(fp, var_fp, none_params, x_eval, key_eval)
-  fp_out = jnp.concatenate([traj_fp[1:], x_fp[None]])  # x at every step's output
-  calib = [(traj_fp_cal[i], int(sampler.coeffs.t[i])) for i in range(N)]
+  fp_out = samplers.step_outputs(traj_fp, x_fp)
+  calib = samplers.calibration_batches(traj_fp_cal, sampler.coeffs)
   log(f"float samples: {config.num_calib} calibration + {config.num_eval} evaluation seeds, "
       f"{config.sampler} {N} steps")
 
@@ -345,9 +349,9 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) ->
         save_figures(ctx, entries, outdir)
 
   results["grids"] = grids
-  table = results_table(results)
   if not writer:
     return results
+  table = results_table(results)
   with open(os.path.join(outdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
   with open(os.path.join(outdir, "results.md"), "w") as f:

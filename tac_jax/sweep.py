@@ -33,7 +33,8 @@ from tac_jax import data, errors, metrics, quant, viz
 from tac_jax.diffusion import samplers
 from tac_jax.errors import propagation
 from tac_jax.metrics import frechet
-from tac_jax.pipeline import SETTINGS, Jitted, Progress, load, parse_list, quant_config
+from tac_jax.pipeline import (SETTINGS, Jitted, Progress, load, parse_list, quant_config,
+                              seed_noise)
 
 # Ablations: name -> FitConfig (or a calibration-size / step-count change of `tcec`).
 ABLATIONS = {
@@ -68,16 +69,13 @@ class _Seed:
 
   def __init__(self, sw: "Sweep", seed: int):
     self.value = seed
-    shape = sw.shape
-    k_cal, k_eval = jax.random.split(jax.random.key(seed))
-    self.x_cal = jax.random.normal(jax.random.fold_in(k_cal, 0), (sw.cfg.num_calib,) + shape)
-    self.x_eval = jax.random.normal(jax.random.fold_in(k_eval, 0), (sw.cfg.num_eval,) + shape)
-    self.key_cal, self.key_eval = jax.random.fold_in(k_cal, 1), jax.random.fold_in(k_eval, 1)
+    self.x_cal, self.key_cal, self.x_eval, self.key_eval = seed_noise(
+        seed, sw.cfg.num_calib, sw.cfg.num_eval, sw.shape)
     self.fp = {}
     for name, (sampler, jitted) in sw.samplers.items():
       x_fp, traj, _ = jitted.run(sw.fp, sw.var_fp, sw.none[name], self.x_eval, self.key_eval)
       _, traj_cal, _ = jitted.run(sw.fp, sw.var_fp, sw.none[name], self.x_cal, self.key_cal)
-      self.fp[name] = {"x": x_fp, "out": jnp.concatenate([traj[1:], x_fp[None]]),
+      self.fp[name] = {"x": x_fp, "out": samplers.step_outputs(traj, x_fp),
                        "traj_cal": traj_cal}
 
 
@@ -96,6 +94,7 @@ class Sweep:
     self.ptq_options = parse_list(cfg.ptq_options, None, "PTQ option")
     for p in self.ptq_options:
       ptq_option(p)
+    self.ablation_settings = parse_list(cfg.ablation_settings, SETTINGS, "setting")
     m = load(cfg)
     self.module, self.params, self.schedule = m["module"], m["params"], m["schedule"]
     mc = self.module.config
@@ -109,6 +108,9 @@ class Sweep:
       self.none[name] = errors.zero_params(steps, mc.out_channels, s.coeffs.t)
     self.records: List[Dict[str, Any]] = []
     self.extra: Dict[str, Any] = {"fd": [], "ablations": [], "analysis": []}
+    # Fitted params and evaluations of the current quantized model, so the FD and ablation
+    # stages re-use what the main grid already computed (cleared by `quantize`).
+    self._memo: Dict[Any, Any] = {}
 
   # --------------------------------------------------------------------------- pieces
 
@@ -118,35 +120,40 @@ class Sweep:
     qc = quant_config(self.cfg, w, a, obs)
     qc = dataclasses.replace(qc, time_groups=groups)
     ref = self.cfg.ref_sampler
-    s = self.samplers[ref][0]
-    traj = seed.fp[ref]["traj_cal"]
-    calib = [(traj[i], int(s.coeffs.t[i])) for i in range(s.coeffs.num_steps)]
+    calib = samplers.calibration_batches(seed.fp[ref]["traj_cal"], self.samplers[ref][0].coeffs)
+    self._memo.clear()
     return quant.quantize_model(self.module, self.params, calib, qc, self.schedule.num_timesteps)
 
-  def fit(self, qm, seed: _Seed, sampler_name: str, method, x_cal=None, phi=None):
-    """Fitted params for `method` (a variant name or a FitConfig)."""
-    s, jitted = self.samplers[sampler_name]
+  def fit(self, qm, seed: _Seed, sampler_name: str, method, x_cal=None):
+    """Fitted params for `method` (a variant name or a FitConfig), on `x_cal` (default: the
+    seed's calibration noise)."""
     fit = errors.get_fit_config(method) if isinstance(method, str) else method
     if fit is None:
       return self.none[sampler_name]
-    x_cal = seed.x_cal if x_cal is None else x_cal
-    p = jitted.calibrate(qm.apply_fn("fake"), fit, self.var_fp, qm.variables, x_cal,
-                         seed.key_cal, phi)
-    return errors.compensation.check_params_finite(p, f"{sampler_name} calibration")
+    key = ("fit", sampler_name, fit)
+    if x_cal is None and key in self._memo:  # only fits on the seed's own noise are memoised
+      return self._memo[key]
+    p = self.samplers[sampler_name][1].calibrate(
+        qm.apply_fn("fake"), fit, self.var_fp, qm.variables,
+        seed.x_cal if x_cal is None else x_cal, seed.key_cal, None)
+    p = errors.compensation.check_params_finite(p, f"{sampler_name} calibration")
+    if x_cal is None:
+      self._memo[key] = p
+    return p
 
-  def evaluate(self, qm, seed: _Seed, sampler_name: str, params, x=None, key=None,
-               ref_x=None) -> Dict[str, Any]:
-    _, jitted = self.samplers[sampler_name]
-    x = seed.x_eval if x is None else x
-    key = seed.key_eval if key is None else key
-    x_q, traj, _ = jitted.run(qm.apply_fn("fake"), qm.variables, params, x, key)
+  def evaluate(self, qm, seed: _Seed, sampler_name: str, params) -> Dict[str, Any]:
+    """PSNR / SSIM / per-step error RMS against float on the seed's evaluation noise."""
+    key = ("eval", sampler_name, id(params))
+    if key in self._memo:
+      return self._memo[key][1]
+    x_q, traj, _ = self.samplers[sampler_name][1].run(qm.apply_fn("fake"), qm.variables, params,
+                                                       seed.x_eval, seed.key_eval)
     fp = seed.fp[sampler_name]
-    ref_x = fp["x"] if ref_x is None else ref_x
-    out = {"psnr": float(jnp.mean(metrics.psnr(x_q, ref_x))),
-           "ssim": float(jnp.mean(metrics.ssim(x_q, ref_x))), "x": x_q}
-    if ref_x is fp["x"]:
-      q_out = jnp.concatenate([traj[1:], x_q[None]])
-      out["error_rms_per_step"] = np.asarray(propagation.rms_per_step(q_out - fp["out"])).tolist()
+    out = {"psnr": float(jnp.mean(metrics.psnr(x_q, fp["x"]))),
+           "ssim": float(jnp.mean(metrics.ssim(x_q, fp["x"]))), "x": x_q,
+           "error_rms_per_step": np.asarray(propagation.rms_per_step(
+               samplers.step_outputs(traj, x_q) - fp["out"])).tolist()}
+    self._memo[key] = (params, out)  # holding params keeps its id unique while memoised
     return out
 
   def record(self, **kw):
@@ -186,7 +193,7 @@ class Sweep:
               self.analysis(qm, seed, setting)
               if fx is not None:
                 self.frechet(qm, seed, setting, fx)
-            if setting in parse_list(cfg.ablation_settings, SETTINGS, "setting"):
+            if setting in self.ablation_settings:
               self.ablations(qm, seed, setting)
       self.save(report=True)  # a complete report after every seed
     return self.save(report=True)

@@ -32,6 +32,11 @@ class StepCoeffs(NamedTuple):
   def num_steps(self) -> int:
     return int(self.t.shape[0])
 
+  @property
+  def stochastic(self) -> bool:
+    """Whether any step adds noise (sigma > 0)."""
+    return bool(np.any(np.asarray(self.sigma) > 0))
+
 
 class SamplerState(NamedTuple):
   x: jax.Array
@@ -51,7 +56,7 @@ def step_noise(key, i, shape, dtype=jnp.float32):
 
 def affine_sampler(coeffs: StepCoeffs) -> Sampler:
   """The plain sampler for given coefficients."""
-  stochastic = bool(np.any(np.asarray(coeffs.sigma) > 0))
+  stochastic = coeffs.stochastic
 
   def init(x_T, key):
     return SamplerState(x=x_T, key=key)
@@ -148,3 +153,13 @@ def sample(apply_fn: ApplyFn, variables, sampler: Sampler, x_T: jax.Array, key: 
 
   state, traj = jax.lax.scan(body, sampler.init(x_T, key), jnp.arange(coeffs.num_steps))
   return state, traj
+
+
+def step_outputs(traj: jax.Array, x_final: jax.Array) -> jax.Array:
+  """x at the output of every step, [N, ...], from `sample`'s trajectory (the inputs)."""
+  return jnp.concatenate([traj[1:], x_final[None]])
+
+
+def calibration_batches(traj: jax.Array, coeffs: StepCoeffs):
+  """PTQ calibration batches [(x_i, t_i)] from a trajectory: one per sampler step."""
+  return [(traj[i], int(coeffs.t[i])) for i in range(coeffs.num_steps)]

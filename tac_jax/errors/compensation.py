@@ -19,8 +19,7 @@ Online, a compensator wraps any affine sampler step:
 Variants (one code path): `none` (identity); `ptqd` (PTQD-style: same-input target, one
 scale per tensor, no intercept, fitted on uncompensated trajectories; the residual's
 variance is absorbed into the sampler noise of stochastic samplers); `per_step`
-(same-input target, per channel with intercept, uncompensated trajectories);
-`tcec`
+(same-input target, per channel with intercept, uncompensated trajectories); `tcec`
 (cumulative target, per channel with intercept, sequential); `tcec_ehat` (`tcec` plus the
 carried error estimate e_hat as a regressor, D ~ K eps_q + G e_hat + beta, a 3x3 solve
 per channel and step).
@@ -147,6 +146,11 @@ def check_calibration_noise(x_T):
   observers.check_calibration_data(x_T, "calibration starting noise x_T")
 
 
+def default_phi(coeffs, channels: int) -> jax.Array:
+  """Propagation gains phi_i = a_i per channel (the error's own decay, Jacobian ignored)."""
+  return coeffs.a[:, None] * jnp.ones((1, channels))
+
+
 def _solve_with_e_hat(eps_q, e_hat, target, ridge):
   """Per-channel least squares target ~ K eps_q + G e_hat + beta (3x3 normal equations)."""
   X = jnp.stack([eps_q, e_hat, jnp.ones_like(eps_q)], axis=-1)      # [..., C, 3]
@@ -169,7 +173,7 @@ def calibrate(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampl
       return zero_params(sampler.coeffs.num_steps, x_T.shape[-1], sampler.coeffs.t, phi)
   c = sampler.coeffs
   C = x_T.shape[-1]
-  phi = c.a[:, None] * jnp.ones((1, C)) if phi is None else jnp.asarray(phi, jnp.float32)
+  phi = default_phi(c, C) if phi is None else jnp.asarray(phi, jnp.float32)
 
   def body(carry, i):
     s_fp, s_c, e_hat = carry
@@ -239,7 +243,7 @@ def resample_params(params: TCECParams, sampler: Sampler) -> TCECParams:
 
   C = params.num_channels
   return TCECParams(K=interp(params.K), beta=interp(params.beta),
-                    phi=sampler.coeffs.a[:, None] * jnp.ones((1, C)), timesteps=sampler.coeffs.t,
+                    phi=default_phi(sampler.coeffs, C), timesteps=sampler.coeffs.t,
                     G=interp(params.G), noise_var=interp(params.noise_var))
 
 
@@ -279,7 +283,7 @@ def check_params(params: TCECParams, sampler: Sampler, channels: Optional[int] =
 def compensate(sampler: Sampler, params: Optional[TCECParams]) -> Sampler:
   """Wraps a sampler so each step corrects eps_q; `params=None` is the identity (`none`)."""
   c = sampler.coeffs
-  stochastic = bool(np.any(np.asarray(c.sigma) > 0))
+  stochastic = c.stochastic
   if params is not None:
     check_params(params, sampler)
 

@@ -247,7 +247,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: UNetConfig,
   """
   want = {path: leaf for path, leaf in traverse_util.flatten_dict(abstract_params(config)).items()}
   modules = {p[:-1] for p in want}
-  got, unexpected, mismatched = {}, [], []
+  got, unexpected, mismatched, mismatched_targets = {}, [], [], set()
   for key, value in state_dict.items():
     path = flax_path(key)
     if path[:-1] not in modules or path[-1] not in ("weight", "bias"):
@@ -262,9 +262,10 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: UNetConfig,
     if w.shape != tuple(want[target].shape):
       mismatched.append(f"{key}: checkpoint {tuple(np.shape(value))} -> {w.shape}, model "
                         f"expects {tuple(want[target].shape)} at {'/'.join(target)}")
+      mismatched_targets.add(target)
       continue
     got[target] = np.asarray(w, dtype)
-  missing = sorted("/".join(p) for p in set(want) - set(got) if not _mismatched_target(p, mismatched))
+  missing = sorted("/".join(p) for p in set(want) - set(got) - mismatched_targets)
   problems = []
   if missing:
     problems.append(f"{len(missing)} parameters missing from the checkpoint: {_few(missing)}")
@@ -276,10 +277,6 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: UNetConfig,
     raise ValueError("checkpoint does not match the model config (is config.json the one saved "
                      "with these weights?): " + "; ".join(problems) + ".")
   return traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in got.items()})
-
-
-def _mismatched_target(path, mismatched) -> bool:
-  return any(m.endswith(" at " + "/".join(path)) for m in mismatched)
 
 
 def _few(items, n: int = 6) -> str:
