@@ -12,10 +12,14 @@ def get_config():
   c.eta = 0.0
   c.spacing = "uniform"
   c.num_calib = 64                  # calibration seeds (PTQ ranges and TCEC fits)
-  c.num_eval = 64                   # held-out evaluation seeds
+  c.num_eval = 128                  # held-out evaluation seeds (also the FD sample sets)
   c.settings = "W8A8,W4A8,W4A4"
   c.observers = "minmax,mse"        # PTQ observers (weights and activations)
-  c.variants = "none,ptqd,per_step,tcec,tcec_ehat"  # the last one is shown in grids and timed
+  c.variants = "none,ptqd,tac,stepbaq,paper_m1,per_step,tcec,tcec_safe"  # compensation methods
+  c.default_method = "tcec_safe"    # shown in grids and timed
+  c.frechet = True                  # FD vs float and vs data (shipped classifier features)
+  c.fd_data_seed = 1000             # colors of the real-data reference set
+  c.safe = ml_collections.ConfigDict(dict(base="tcec", val_fraction=0.5))
   c.int_path = True                 # also evaluate the int8 x int8 -> int32 path
   c.timing_repeats = 4              # overhead timing (first observer); 0 disables it
   c.data_parallel = True            # split the seeds over all devices when there are several

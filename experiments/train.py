@@ -29,7 +29,7 @@ def main():
   minutes = (time.time() - t0) / 60
   print(f"training took {minutes:.1f} min on {jax.device_count()} {jax.devices()[0].platform} device(s)")
   sched = train_lib.schedule_from_config(config)
-  sampler = samplers.ddim(sched, config.sample_steps)
+  sampler = samplers.ddim(sched, config.sample_steps, spacing=config.get("sample_spacing", "uniform"))
   mc = train_lib.model_config(config)
   key = jax.random.key(config.seed + 1)
   x_T = jax.random.normal(key, (config.num_samples, mc.sample_size, mc.sample_size, mc.in_channels))
@@ -37,7 +37,8 @@ def main():
   imgs = run(out["params"], x_T, key)
   paths = [os.path.join(_WORKDIR.value, "samples.png")]
   if _EXPORT.value:
-    paths.append(os.path.join(_EXPORT.value, "..", "..", "..", "docs", "default_model_samples.png"))
+    name = os.path.basename(os.path.normpath(_EXPORT.value))
+    paths.append(os.path.join(_EXPORT.value, "..", "..", "..", "docs", f"{name}_samples.png"))
   if jax.process_index() != 0:
     return
   for p in paths:

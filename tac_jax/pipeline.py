@@ -26,10 +26,11 @@ import ml_collections
 import numpy as np
 
 from tac_jax import checkpoint as ckpt_lib
-from tac_jax import errors, metrics, parallel, quant, viz
+from tac_jax import data, errors, metrics, parallel, quant, viz
 from tac_jax.diffusion import samplers
 from tac_jax.diffusion.schedules import make_schedule
 from tac_jax.errors import propagation
+from tac_jax.metrics import frechet
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 
@@ -59,7 +60,7 @@ class Jitted:
   """The job's jitted functions, keyed on the (static) network apply function, so models
   that share one (same bits, different observers) share the compiled code."""
 
-  def __init__(self, apply_fp, sampler: samplers.Sampler):
+  def __init__(self, apply_fp, sampler: samplers.Sampler, schedule=None):
     self.sampler = sampler
 
     def run(apply_fn, variables, params, x_T, key):
@@ -72,7 +73,7 @@ class Jitted:
 
     def calibrate(apply_q, fit, var_fp, var_q, x_T, key, phi):
       return errors.calibrate(apply_fp, var_fp, apply_q, var_q, sampler, x_T, key, fit, phi=phi,
-                              check_finite=False)
+                              check_finite=False, schedule=schedule)
 
     self.run = jax.jit(run, static_argnums=0)
     self.joint = jax.jit(joint, static_argnums=0)
@@ -91,21 +92,19 @@ def make_final_runner(apply_fn, sampler: samplers.Sampler, compensated: bool):
 
 
 def make_compensation_only(sampler: samplers.Sampler):
-  """The compensator's own work for a whole run (correction + ErrorState), no network."""
-  c = sampler.coeffs
+  """The compensated sampler's steps for a whole run with given network outputs, no
+  network: the correction, the error-state update and the step itself (an upper bound of
+  the compensation's own work), through the same `errors.compensate` as sampling."""
 
   @jax.jit
   def run(params, eps_seq, x_T):
-    def body(carry, inputs):
-      x, e_hat = carry
+    comp = errors.compensate(sampler, params)
+    def body(state, inputs):
       i, eps = inputs
-      d_hat = params.K[i] * eps + params.beta[i]
-      if params.G is not None:
-        d_hat = d_hat + params.G[i] * e_hat
-      return (x - c.b[i] * d_hat, params.phi[i] * e_hat + c.b[i] * d_hat), None
-    (x, e_hat), _ = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)),
-                                 (jnp.arange(c.num_steps), eps_seq))
-    return x, e_hat
+      return comp.step(state, eps, i), None
+    state, _ = jax.lax.scan(body, comp.init(x_T, jax.random.key(0)),
+                            (jnp.arange(sampler.coeffs.num_steps), eps_seq))
+    return state.x, state.error.e_hat
 
   return run
 
@@ -196,15 +195,51 @@ class _Context:
   fp_out: jax.Array
   num_timesteps: int
   variants: List[str]
-  best: str
+  best: str                        # the default method: shown in grids and timed
+  schedule: Any = None
+  safe_config: Any = None
+  fd: Optional[Dict[str, Any]] = None   # feature extractor and float / data features
   samples: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def fit_methods(ctx: _Context, tag: str, fq, var_q, phi) -> Dict[str, Any]:
+  """Fits every method on the calibration seeds: {method: (params, seconds, safe report)}."""
+  c, C = ctx.sampler.coeffs, ctx.x_eval.shape[-1]
+  var_fp = {"params": ctx.params}
+  fitted = {}
+  for v in ctx.variants:
+    t0, report = time.perf_counter(), None
+    if v == errors.SAFE_METHOD:
+      p, report = errors.calibrate_safe(ctx.module.apply, var_fp, fq, var_q, ctx.sampler,
+                                        ctx.x_cal, ctx.key_cal, ctx.safe_config, phi=phi,
+                                        schedule=ctx.schedule, log=lambda m: ctx.log(f"{tag}: {m}"))
+      report = {k: val for k, val in report.items() if k != "candidates"}
+    elif v == "none":
+      p = errors.zero_params(c.num_steps, C, c.t, phi)
+    else:
+      fit = errors.get_fit_config(v) if v in errors.VARIANTS else v
+      p = ctx.jitted.calibrate(fq, fit, var_fp, var_q, ctx.x_cal, ctx.key_cal, phi)
+    p = errors.compensation.check_params_finite(jax.block_until_ready(p), f"{tag}/{v} calibration")
+    fitted[v] = (p, time.perf_counter() - t0, report)
+  return fitted
+
+
+def sample_metrics(ctx: _Context, x_q) -> Dict[str, Any]:
+  """PSNR / SSIM against float, contrast and sharpness ratios, Frechet distances."""
+  q = metrics.quality_ratios(x_q, ctx.x_fp)
+  out = {"psnr": _stats(metrics.psnr(x_q, ctx.x_fp)), "ssim": _stats(metrics.ssim(x_q, ctx.x_fp)),
+         "std_ratio": float(q["std_ratio"]), "sharpness_ratio": float(q["sharpness_ratio"])}
+  if ctx.fd is not None:
+    f = ctx.fd["extractor"](np.clip(parallel.to_host(x_q), -1, 1))
+    out["fd_vs_float"] = frechet.frechet_distance(f, ctx.fd["float"])
+    out["fd_vs_data"] = frechet.frechet_distance(f, ctx.fd["data"])
+  return out
+
+
 def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List[Dict[str, Any]]:
-  """PTQ, propagation analysis, calibration of every variant and evaluation of one setting."""
+  """PTQ, propagation analysis, calibration of every method and evaluation of one setting."""
   config, sampler, log = ctx.config, ctx.sampler, ctx.log
   c = sampler.coeffs
-  N, C = c.num_steps, ctx.x_eval.shape[-1]
   var_fp = {"params": ctx.params}
   w_bits, a_bits = SETTINGS[setting]
   tag = f"{setting}_{obs}"
@@ -221,57 +256,61 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
   report = propagation.propagation_report(trace, c.a, c.b, phi)
   log(f"{tag}: propagation model: final error RMS {report['measured_rms'][-1]:.4f}, closed "
       f"form corr {np.mean(report['closed_form_corr'][1:]):.3f}")
+  fitted = fit_methods(ctx, tag, fq, qm.variables, phi)
+  log(f"{tag}: calibrated " + ", ".join(f"{v} {sec:.1f}s" for v, (_, sec, _) in fitted.items()
+                                        if v != "none"))
 
-  fitted = {}
-  for v in ctx.variants:
-    fit = errors.get_fit_config(v)
-    if fit is None:
-      fitted[v] = errors.zero_params(N, C, c.t, phi)
-      continue
-    fitted[v] = errors.compensation.check_params_finite(
-        ctx.jitted.calibrate(fq, fit, var_fp, qm.variables, ctx.x_cal, ctx.key_cal, phi),
-        f"{tag}/{v} calibration")
-  log(f"{tag}: calibrated {', '.join(v for v in ctx.variants if v != 'none')}")
-
-  modes = ["fake", "int"] if config.int_path else ["fake"]
   entries = []
   for v in ctx.variants:
-    entry = {"setting": setting, "observer": obs, "variant": v, "memory_bytes": mem}
-    for mode in modes:
-      x_q, traj_q, _ = ctx.jitted.run(qm.apply_fn(mode), qm.variables, fitted[v], ctx.x_eval,
-                                      ctx.key_eval)
-      entry[f"psnr_{mode}"] = _stats(metrics.psnr(x_q, ctx.x_fp))
-      entry[f"ssim_{mode}"] = _stats(metrics.ssim(x_q, ctx.x_fp))
-      if mode == "fake":
-        ctx.samples[(tag, v)] = parallel.to_host(x_q)
-        entry["error_rms_per_step"] = parallel.to_host(propagation.rms_per_step(
-            samplers.step_outputs(traj_q, x_q) - ctx.fp_out)).tolist()
+    params, seconds, safe = fitted[v]
+    entry = {"setting": setting, "observer": obs, "variant": v, "memory_bytes": mem,
+             "calibration_s": seconds}
+    if safe is not None:
+      entry["safe"] = safe
+    x_q, traj_q, _ = ctx.jitted.run(fq, qm.variables, params, ctx.x_eval, ctx.key_eval)
+    m = sample_metrics(ctx, x_q)
+    entry.update({"psnr_fake": m.pop("psnr"), "ssim_fake": m.pop("ssim"), **m})
+    ctx.samples[(tag, v)] = parallel.to_host(x_q)
+    entry["error_rms_per_step"] = parallel.to_host(propagation.rms_per_step(
+        samplers.step_outputs(traj_q, x_q) - ctx.fp_out)).tolist()
+    if config.int_path and v in ("none", ctx.best):
+      x_i, _, _ = ctx.jitted.run(qm.apply_fn("int"), qm.variables, params, ctx.x_eval, ctx.key_eval)
+      entry["psnr_int"] = _stats(metrics.psnr(x_i, ctx.x_fp))
     if v == "none":
       entry["propagation"] = {k: parallel.to_host(a).tolist() for k, a in report.items()}
     entries.append(entry)
   by_variant = {e["variant"]: e for e in entries}
+  mode = "int" if config.int_path else "fake"
   if timed and config.timing_repeats > 0:
-    timing = measure_overhead(qm.apply_fn(modes[-1]), sampler, qm.variables, fitted[ctx.best],
+    timing = measure_overhead(qm.apply_fn(mode), sampler, qm.variables, fitted[ctx.best][0],
                               ctx.x_eval, ctx.key_eval, config.timing_repeats, ctx.comp_only)
-    timing["mode"] = modes[-1]
-    by_variant[ctx.best]["timing"] = timing  # the shown variant; others do as much or less
+    timing["mode"] = mode
+    by_variant[ctx.best]["timing"] = timing  # the default method; others do as much or less
     log(f"{tag}: overhead {100 * timing['overhead_ab']:+.2f}% (A/B), "
-        f"{100 * timing['overhead_ops']:.3f}% (compensation ops alone), {modes[-1]} path")
+        f"{100 * timing['overhead_ops']:.3f}% (compensation ops alone), {mode} path")
   line = ", ".join(f"{v} {by_variant[v]['psnr_fake']['mean']:.2f}" for v in ctx.variants)
   log(f"{tag}: PSNR vs float (dB): {line}")
   return entries
 
 
+def best_baseline(entries: List[Dict[str, Any]], default: str) -> Optional[str]:
+  """The method other than none and the default with the highest PSNR."""
+  others = [e for e in entries if e["variant"] not in ("none", default)]
+  return max(others, key=lambda e: e["psnr_fake"]["mean"])["variant"] if others else None
+
+
 def save_figures(ctx: _Context, entries: List[Dict[str, Any]], outdir: str) -> None:
-  """Sample grid (float / PTQ / PTQ + best variant) and the per-step error plot."""
+  """Sample grid (float / PTQ / best baseline / default) and the per-step error plot."""
   by_variant = {e["variant"]: e for e in entries}
   setting, obs = entries[0]["setting"], entries[0]["observer"]
   tag, best = f"{setting}_{obs}", ctx.best
-  viz.save_comparison(
-      os.path.join(outdir, f"grid_{tag}.png"),
-      {"float": np.clip(ctx.samples["float"], -1, 1),
-       f"PTQ {setting}": np.clip(ctx.samples[(tag, "none")], -1, 1),
-       f"+{best.upper()}": np.clip(ctx.samples[(tag, best)], -1, 1)})
+  rows = {"float": ctx.samples["float"], f"PTQ {setting}": ctx.samples[(tag, "none")]}
+  base = best_baseline(entries, best)
+  if base is not None:
+    rows[f"+{base}"] = ctx.samples[(tag, base)]
+  rows[f"+{best}"] = ctx.samples[(tag, best)]
+  viz.save_comparison(os.path.join(outdir, f"grid_{tag}.png"),
+                      {k: np.clip(v, -1, 1) for k, v in rows.items()})
   report = by_variant["none"]["propagation"]
   curves = {"measured, no compensation": report["measured_rms"],
             "closed form (diag phi), predicted": report["closed_form_rms"],
@@ -281,13 +320,28 @@ def save_figures(ctx: _Context, entries: List[Dict[str, Any]], outdir: str) -> N
                       f"{setting} ({obs} PTQ): cumulative error per step")
 
 
+def frechet_reference(config, meta, x_fp, shape) -> Optional[Dict[str, Any]]:
+  """Feature extractor plus the float samples' and real data's features (None if off)."""
+  if not config.get("frechet", True):
+    return None
+  fx = frechet.FeatureExtractor()
+  name = meta.get("data", {}).get("name")
+  if name is None:
+    return None
+  real = data.load(name, size=shape[0], seed=config.get("fd_data_seed", 1000))[:x_fp.shape[0]]
+  return {"extractor": fx, "float": fx(np.clip(parallel.to_host(x_fp), -1, 1)), "data": fx(real)}
+
+
 def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) -> Dict[str, Any]:
   log = Progress(verbose)
   settings = parse_list(config.settings, SETTINGS, "setting")
   observer_names = parse_list(config.observers, quant.observers.OBSERVERS, "observer")
-  variants = parse_list(config.variants, errors.VARIANTS, "variant")
+  variants = list(dict.fromkeys(parse_list(config.variants, errors.METHODS, "method")))
   if "none" not in variants:
     variants = ["none"] + variants
+  default = config.get("default_method", errors.SAFE_METHOD)
+  if default not in variants:   # e.g. a short list of variants: show the last one
+    default = variants[-1]
   if config.num_calib < 1 or config.num_eval < 1:
     raise ValueError("num_calib and num_eval must be >= 1.")
   writer = jax.process_index() == 0   # multi-host: one process writes the files
@@ -319,7 +373,7 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) ->
   fp = module.apply
   var_fp = {"params": params}
   none_params = errors.zero_params(N, mc.out_channels, sampler.coeffs.t)
-  jitted = Jitted(fp, sampler)
+  jitted = Jitted(fp, sampler, schedule)
   comp_only = make_compensation_only(sampler)
   x_fp_cal, traj_fp_cal, _ = jitted.run(fp, var_fp, none_params, x_cal, key_cal)
   x_fp, traj_fp, _ = jitted.run(fp, var_fp, none_params, x_eval, key_eval)
@@ -331,13 +385,18 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) ->
   ctx = _Context(config=config, log=log, module=module, params=params, sampler=sampler,
                  jitted=jitted, comp_only=comp_only, calib=calib, x_cal=x_cal, key_cal=key_cal,
                  x_eval=x_eval, key_eval=key_eval, x_fp=x_fp, fp_out=fp_out,
-                 num_timesteps=schedule.num_timesteps, variants=variants,
-                 best=variants[-1])
+                 num_timesteps=schedule.num_timesteps, variants=variants, best=default,
+                 schedule=schedule, safe_config=errors.SafeConfig(**(config.safe.to_dict() if "safe" in config else {})),
+                 fd=frechet_reference(config, m["meta"], x_fp, shape))
   # Every process gathers what the writer needs (a gather is a collective: all must call it).
   ctx.samples["float"] = parallel.to_host(x_fp)
+  if ctx.fd is not None:
+    fd_floor = frechet.frechet_distance(ctx.fd["float"], ctx.fd["data"])
+    log(f"Frechet distance of the float model's samples to data: {fd_floor:.1f}")
   results: Dict[str, Any] = {"config": config.to_dict(), "checkpoint": m["checkpoint"],
                              "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
                              "processes": jax.process_count(),
+                             "fd_float_vs_data": fd_floor if ctx.fd is not None else None,
                              "runs": []}
   grids: Dict[str, str] = {}
   for obs in observer_names:
@@ -363,27 +422,34 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True) ->
 
 
 def results_table(results: Dict[str, Any]) -> str:
+  """Markdown: every setting x observer x method with fidelity, quality and cost columns."""
   runs = results["runs"]
-  has_int = any("psnr_int" in r for r in runs)
-  head = "| setting | PTQ | compensation | PSNR fake-quant (dB) | SSIM |"
-  head += " PSNR int path (dB) |" if has_int else ""
-  head += " gain over PTQ (dB) | overhead (A/B, ops only) | layer weights (MB) |"
+  has_fd = any("fd_vs_data" in r for r in runs)
+  head = ("| setting | PTQ | method | PSNR (dB) | gain (dB) | SSIM | std ratio | sharpness ratio |"
+          + (" FD vs float | FD vs data |" if has_fd else "")
+          + " PSNR int (dB) | calib. (s) | overhead (A/B, ops) | weights (MB) |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   base = {(r["setting"], r["observer"]): r["psnr_fake"]["mean"] for r in runs if r["variant"] == "none"}
   for r in runs:
     pf = r["psnr_fake"]
-    row = f"| {r['setting']} | {r['observer']} | {r['variant']} | {pf['mean']:.2f} ± {pf['std']:.2f} |"
-    row += f" {r['ssim_fake']['mean']:.4f} |"
-    if has_int:
-      row += f" {r['psnr_int']['mean']:.2f} |" if "psnr_int" in r else " - |"
+    name = r["variant"]
+    if "safe" in r:
+      sf = r["safe"]
+      name += " (fell back)" if sf["fell_back"] else f" (gain {sf['gain']:g}, offset {sf['offset']:g})"
     gain = pf["mean"] - base[(r["setting"], r["observer"])]
-    row += f" {gain:+.2f} |" if r["variant"] != "none" else " - |"
+    cells = [r["setting"], r["observer"], name, f"{pf['mean']:.2f} ± {pf['std']:.2f}",
+             f"{gain:+.2f}" if r["variant"] != "none" else "-", f"{r['ssim_fake']['mean']:.3f}",
+             f"{r['std_ratio']:.3f}", f"{r['sharpness_ratio']:.3f}"]
+    if has_fd:
+      cells += [f"{r['fd_vs_float']:.1f}", f"{r['fd_vs_data']:.1f}"]
+    cells.append(f"{r['psnr_int']['mean']:.2f}" if "psnr_int" in r else "-")
+    cells.append(f"{r['calibration_s']:.1f}" if r["variant"] != "none" else "-")
     t = r.get("timing")
-    if t:
-      row += f" {100 * t['overhead_ab']:+.2f}%, {100 * t['overhead_ops']:.3f}% |"
-    else:
-      row += " - |"
+    cells.append(f"{100 * t['overhead_ab']:+.2f}%, {100 * t['overhead_ops']:.3f}%" if t else "-")
     mem = r["memory_bytes"]
-    row += f" {mem['layers_float32'] / 1e6:.2f} -> {mem['layers_stored'] / 1e6:.2f} |"
-    lines.append(row)
+    cells.append(f"{mem['layers_float32'] / 1e6:.2f} -> {mem['layers_stored'] / 1e6:.2f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  fd_floor = results.get("fd_float_vs_data")
+  if fd_floor is not None:
+    lines.append(f"\nFloat model's own FD vs data: {fd_floor:.1f}.")
   return "\n".join(lines) + "\n"

@@ -83,7 +83,7 @@ class Sweep:
   def __init__(self, cfg: ml_collections.ConfigDict, outdir: str, verbose: bool = True):
     self.cfg, self.outdir, self.log = cfg, outdir, Progress(verbose)
     self.settings = parse_list(cfg.settings, SETTINGS, "setting")
-    self.methods = parse_list(cfg.methods, errors.VARIANTS, "method")
+    self.methods = list(dict.fromkeys(parse_list(cfg.methods, errors.METHODS, "method")))
     if "none" not in self.methods:
       self.methods = ["none"] + self.methods
     self.sampler_names = parse_list(cfg.samplers, None, "sampler")
@@ -104,7 +104,7 @@ class Sweep:
     for name in self.sampler_names:
       kind, steps = parse_sampler(name)
       s = samplers.make_sampler(kind, self.schedule, steps)
-      self.samplers[name] = (s, Jitted(self.fp, s))
+      self.samplers[name] = (s, Jitted(self.fp, s, self.schedule))
       self.none[name] = errors.zero_params(steps, mc.out_channels, s.coeffs.t)
     self.records: List[Dict[str, Any]] = []
     self.extra: Dict[str, Any] = {"fd": [], "ablations": [], "analysis": []}
@@ -127,15 +127,21 @@ class Sweep:
   def fit(self, qm, seed: _Seed, sampler_name: str, method, x_cal=None):
     """Fitted params for `method` (a variant name or a FitConfig), on `x_cal` (default: the
     seed's calibration noise)."""
-    fit = errors.get_fit_config(method) if isinstance(method, str) else method
+    fit = (errors.get_fit_config(method) if method in errors.VARIANTS else method) \
+        if isinstance(method, str) else method
     if fit is None:
       return self.none[sampler_name]
     key = ("fit", sampler_name, fit)
     if x_cal is None and key in self._memo:  # only fits on the seed's own noise are memoised
       return self._memo[key]
-    p = self.samplers[sampler_name][1].calibrate(
-        qm.apply_fn("fake"), fit, self.var_fp, qm.variables,
-        seed.x_cal if x_cal is None else x_cal, seed.key_cal, None)
+    x = seed.x_cal if x_cal is None else x_cal
+    if fit == errors.SAFE_METHOD:
+      p, _ = errors.calibrate_safe(self.fp, self.var_fp, qm.apply_fn("fake"), qm.variables,
+                                   self.samplers[sampler_name][0], x, seed.key_cal,
+                                   schedule=self.schedule)
+    else:
+      p = self.samplers[sampler_name][1].calibrate(qm.apply_fn("fake"), fit, self.var_fp,
+                                                   qm.variables, x, seed.key_cal, None)
     p = errors.compensation.check_params_finite(p, f"{sampler_name} calibration")
     if x_cal is None:
       self._memo[key] = p

@@ -36,8 +36,7 @@ def model_config(config: ml_collections.ConfigDict) -> UNetConfig:
 
 
 def schedule_from_config(config: ml_collections.ConfigDict):
-  s = config.schedule
-  return make_schedule(s.name, s.num_timesteps, s.beta_start, s.beta_end)
+  return make_schedule(**config.schedule.to_dict())
 
 
 def load_training_data(config: ml_collections.ConfigDict) -> np.ndarray:

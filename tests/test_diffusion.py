@@ -193,3 +193,12 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
   ckpt_lib.write_json_atomic(os.path.join(d, "model.json"), {"model": other.to_dict()})
   with pytest.raises(ValueError, match="do not match the model config"):
     ckpt_lib.load_model(d)
+
+
+def test_diffusers_spacings():
+  from tac_jax.diffusion.schedules import timestep_subsequence
+  np.testing.assert_array_equal(timestep_subsequence(1000, 20, "leading"), np.arange(950, -1, -50))
+  np.testing.assert_array_equal(timestep_subsequence(1000, 20, "trailing"), np.arange(999, 0, -50))
+  # A cosine schedule's first DDIM step from t = 999 divides by sqrt(abar) ~ 0; leading does not.
+  sched = schedules.make_schedule("cosine", 1000)
+  assert samplers.ddim(sched, 20).coeffs.a[0] > 50 * samplers.ddim(sched, 20, spacing="leading").coeffs.a[0]

@@ -142,8 +142,11 @@ def test_variants_share_one_code_path_and_order():
   x_cal, x_new, key = _noise(0, n=64), _noise(1, n=64), jax.random.key(2)
   x_fp = samplers.sample(nonlinear_eps, VARS, sampler, x_new, key)[0].x
   errs = {}
-  for v in errors.VARIANTS:
-    p = errors.calibrate(nonlinear_eps, VARS, quantized_output_eps, VARS, sampler, x_cal, key, v)
+  for v in errors.METHODS:
+    if v == errors.SAFE_METHOD:
+      continue
+    p = errors.calibrate(nonlinear_eps, VARS, quantized_output_eps, VARS, sampler, x_cal, key, v,
+                         schedule=SCHED)
     x = samplers.sample(quantized_output_eps, VARS,
                         errors.compensate(sampler, None if v == "none" else p), x_new, key)[0].x
     errs[v] = float(jnp.sqrt(jnp.mean((x - x_fp) ** 2)))
@@ -185,7 +188,7 @@ def test_params_save_load_and_validation(tmp_path):
     errors.compensate(sampler, q).init(jnp.zeros((2, 4, 4, 4)), jax.random.key(0))
   with pytest.raises(ValueError, match="different timesteps"):
     errors.compensate(samplers.ddim(SCHED, 6, spacing="quadratic"), q)
-  with pytest.raises(FileNotFoundError, match="no TCEC params"):
+  with pytest.raises(FileNotFoundError, match="no correction params"):
     errors.load_params(str(tmp_path / "missing"))
 
 
@@ -203,7 +206,7 @@ def test_bad_calibration_inputs():
   bad = errors.zero_params(4, C, sampler.coeffs.t)
   with pytest.raises(ValueError, match="produced NaN/inf parameters"):
     errors.compensation.check_params_finite(bad.replace(beta=bad.beta.at[1, 0].set(jnp.inf)))
-  with pytest.raises(ValueError, match="unknown compensation variant"):
+  with pytest.raises(ValueError, match="unknown compensation method"):
     errors.calibrate(linear_eps, VARS, affine_error_eps, VARS, sampler, _noise(0), key, "magic")
 
 

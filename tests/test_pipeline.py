@@ -24,15 +24,19 @@ def test_main_job_launcher_writes_results(tiny_model, tmp_path):
          f"--config.checkpoint={tiny_model}", f"--outdir={out}",
          "--config.num_steps=4", "--config.num_calib=8", "--config.num_eval=8",
          "--config.settings=W8A8,W4A4", "--config.observers=minmax",
-         "--config.variants=none,tcec", "--config.timing_repeats=0")
+         "--config.variants=none,tcec_safe", "--config.timing_repeats=0")
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "PSNR vs float" in proc.stdout  # progress output
   with open(os.path.join(out, "results.json")) as f:
     res = json.load(f)
   runs = {(r["setting"], r["variant"]): r for r in res["runs"]}
-  assert set(v for _, v in runs) == {"none", "tcec"}
-  for r in runs.values():
+  assert set(v for _, v in runs) == {"none", "tcec_safe"}
+  for (_, v), r in runs.items():
+    assert r["std_ratio"] > 0 and r["sharpness_ratio"] > 0
+    if v == "tcec_safe":  # validated strength, or the fallback, on held-out calibration seeds
+      assert r["safe"]["num_fit"] == 4 and r["safe"]["num_val"] == 4
+      assert r["safe"]["fell_back"] or r["safe"]["val_psnr"] >= r["safe"]["val_psnr_none"]
     # fake-quant and the integer path agree (same integers, same rescale).
     assert abs(r["psnr_fake"]["mean"] - r["psnr_int"]["mean"]) < 0.05
     assert len(r["error_rms_per_step"]) == 4
@@ -54,7 +58,7 @@ def test_bad_config_values_are_rejected(tiny_model, tmp_path):
     pipeline.run(cfg, str(tmp_path), verbose=False)
   cfg.settings = "W8A8"
   cfg.variants = "none,magic"
-  with pytest.raises(ValueError, match="unknown variant"):
+  with pytest.raises(ValueError, match="unknown method"):
     pipeline.run(cfg, str(tmp_path), verbose=False)
   cfg.variants = "tcec"
   cfg.checkpoint = str(tmp_path / "missing")

@@ -44,10 +44,23 @@ class SamplerState(NamedTuple):
 
 
 class Sampler(NamedTuple):
-  """init(x_T, key) -> state; step(state, eps, i) -> state. `state.x` is the sample."""
+  """init(x_T, key) -> state; step(state, eps, i) -> state. `state.x` is the sample.
+
+  `prepare(state, i) -> (x_in, t_in)` says what the network sees at step i; None means
+  (state.x, coeffs.t[i]). Compensators that shift the network input (TAC's input bias
+  correction) or its timestep (StepbaQ) set it.
+  """
   coeffs: StepCoeffs
   init: Callable[..., Any]
   step: Callable[..., Any]
+  prepare: Optional[Callable[..., Any]] = None
+
+
+def network_input(sampler: Sampler, state, i):
+  """(x_in, t_in) the network is called with at scan position i."""
+  if sampler.prepare is None:
+    return state.x, sampler.coeffs.t[i]
+  return sampler.prepare(state, i)
 
 
 def step_noise(key, i, shape, dtype=jnp.float32):
@@ -147,7 +160,8 @@ def sample(apply_fn: ApplyFn, variables, sampler: Sampler, x_T: jax.Array, key: 
 
   def body(state, i):
     x = state.x
-    eps = apply_fn(variables, x, batch_timestep(coeffs.t[i], x))
+    x_in, t_in = network_input(sampler, state, i)
+    eps = apply_fn(variables, x_in, batch_timestep(t_in, x_in))
     new = sampler.step(state, eps, i)
     return new, (x if return_trajectory else None)
 

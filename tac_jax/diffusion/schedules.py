@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 
 SCHEDULES = ("linear", "cosine")
-SPACINGS = ("uniform", "quadratic")
+SPACINGS = ("uniform", "quadratic", "leading", "trailing")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -52,12 +52,18 @@ def timestep_subsequence(num_timesteps: int, num_steps: int, spacing: str = "uni
   """Descending distinct timesteps t_N > ... > t_1 for an N-step sampler.
 
   `uniform` spaces them evenly over [0, T-1]; `quadratic` (DDIM paper) crowds them near
-  t = 0 where the images gain detail.
+  t = 0 where the images gain detail; `leading` and `trailing` are diffusers' spacings
+  (for 20 of 1000: 950, 900, ..., 0 and 999, 949, ..., 49). `leading` never starts at
+  t = T-1, where a cosine schedule's abar ~ 0 makes the x0 estimate blow up.
   """
   if not 1 <= num_steps <= num_timesteps:
     raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}.")
   if spacing == "uniform":
     ts = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
+  elif spacing == "leading":
+    ts = np.arange(num_steps, dtype=np.int64) * (num_timesteps // num_steps)
+  elif spacing == "trailing":
+    ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)).astype(np.int64) - 1
   elif spacing == "quadratic":
     ts = np.round(np.linspace(0, np.sqrt((num_timesteps - 1)), num_steps) ** 2).astype(np.int64)
   else:

@@ -45,21 +45,23 @@ from tac_jax.quant import observers
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
-  """How a correction is fitted. `VARIANTS` names the presets."""
+  """How a least-squares correction is fitted. `VARIANTS` names the presets."""
   target: str = "cumulative"      # 'cumulative' (D_i) or 'same_input' (d_i = eps_q(x_c) - eps(x_c))
   sequential: bool = True         # fit on trajectories already compensated at earlier steps
   per_channel: bool = True        # one (K, beta) per channel, else one per tensor
   intercept: bool = True          # fit beta (else beta = 0)
   ridge: float = 1e-6             # relative Tikhonov term on var(eps_q)
   e_hat_regressor: bool = False   # also regress on the carried error estimate (G e_hat)
-  absorb_variance: bool = False   # PTQD: fit the part correlated with the float output, and
-                                  # lower the sampler noise by the variance of the rest
+  preserve_variance: bool = False  # rescale the corrected eps to the float eps's per-channel
+                                   # std at that step (no shrinkage toward the mean)
 
   def __post_init__(self):
     if self.target not in TARGETS:
       raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}.")
     if self.e_hat_regressor and not (self.per_channel and self.intercept):
       raise ValueError("e_hat_regressor needs per_channel=True and intercept=True.")
+    if self.e_hat_regressor and self.preserve_variance:
+      raise ValueError("preserve_variance cannot be combined with e_hat_regressor.")
 
 
 TARGETS = ("cumulative", "same_input")
@@ -69,29 +71,48 @@ VARIANTS: Dict[str, Optional[FitConfig]] = {
     "none": None,
     "per_step": FitConfig(target="same_input", sequential=False, per_channel=True, intercept=True),
     "tcec": FitConfig(target="cumulative", sequential=True, per_channel=True, intercept=True),
-    "ptqd": FitConfig(target="same_input", sequential=False, per_channel=False, intercept=False,
-                      absorb_variance=True),
+    "tcec_vp": FitConfig(target="cumulative", sequential=True, per_channel=True, intercept=True,
+                         preserve_variance=True),
     "tcec_ehat": FitConfig(target="cumulative", sequential=True, per_channel=True,
                            intercept=True, e_hat_regressor=True),
 }
 
+# The field's methods as their papers define them (tac_jax/errors/reference.py).
+REFERENCE_METHODS = ("ptqd", "tac", "stepbaq", "paper_m1")
+# Validated on held-out calibration seeds, falls back to no correction (errors/safe.py).
+SAFE_METHOD = "tcec_safe"
+METHODS = tuple(VARIANTS) + REFERENCE_METHODS + (SAFE_METHOD,)
+
 
 def get_fit_config(variant: str) -> Optional[FitConfig]:
   if variant not in VARIANTS:
-    raise ValueError(f"unknown compensation variant {variant!r}; choose one of {list(VARIANTS)}.")
+    raise ValueError(f"unknown compensation method {variant!r}; choose one of {list(METHODS)}.")
   return VARIANTS[variant]
 
 
 @flax.struct.dataclass
-class TCECParams:
-  """Per-step, per-channel correction d_hat = K eps_q + beta (+ G e_hat), propagation
-  gains phi, and (PTQD) the residual variance absorbed into the sampler noise."""
+class CorrectionParams:
+  """Per-step parameters of a compensator (leading axis: scan position i).
+
+  Before the network call the state is shifted, x <- x - x_shift, and the network sees
+  (in_scale (x - x_shift), t_in). Its output eps_q is corrected to eps_q - d_hat with
+
+      d_hat = K eps_q + beta (+ G e_hat) (+ K_prev eps_q_prev)
+
+  applied only where |eps_q| > mask_threshold * mean|eps_q| (per sample and channel) when a
+  threshold is set. Optional fields are None when a method does not use them.
+  """
   K: jax.Array          # [N, C]
   beta: jax.Array       # [N, C]
-  phi: jax.Array        # [N, C]
+  phi: jax.Array        # [N, C] propagation gains of the carried estimate e_hat
   timesteps: jax.Array  # [N] the sampler's t_k the params were fitted for
-  G: Optional[jax.Array] = None          # [N, C] coefficient of e_hat (tcec_ehat)
-  noise_var: Optional[jax.Array] = None  # [N] residual variance of eps (ptqd)
+  G: Optional[jax.Array] = None               # [N, C] coefficient of e_hat (tcec_ehat)
+  noise_var: Optional[jax.Array] = None       # [N] residual variance absorbed (ptqd, eta > 0)
+  x_shift: Optional[jax.Array] = None         # [N, H, W, C] input bias (tac IBC, stepbaq mu)
+  in_scale: Optional[jax.Array] = None        # [N] latent adjustment (stepbaq)
+  t_in: Optional[jax.Array] = None            # [N] network timestep (stepbaq tau)
+  K_prev: Optional[jax.Array] = None          # [N, C] gain on the cached eps_q of step i-1
+  mask_threshold: Optional[jax.Array] = None  # [N] (tac NER)
 
   @property
   def num_steps(self) -> int:
@@ -102,10 +123,72 @@ class TCECParams:
     return int(self.K.shape[1])
 
 
-def zero_params(num_steps: int, channels: int, timesteps, phi=None) -> TCECParams:
+TCECParams = CorrectionParams  # the name used before reference methods shared the type
+OPTIONAL_FIELDS = ("G", "noise_var", "x_shift", "in_scale", "t_in", "K_prev", "mask_threshold")
+
+
+def zero_params(num_steps: int, channels: int, timesteps, phi=None) -> CorrectionParams:
   z = jnp.zeros((num_steps, channels), jnp.float32)
-  return TCECParams(K=z, beta=z, phi=z if phi is None else jnp.asarray(phi, jnp.float32),
-                    timesteps=jnp.asarray(timesteps, jnp.int32))
+  return CorrectionParams(K=z, beta=z, phi=z if phi is None else jnp.asarray(phi, jnp.float32),
+                          timesteps=jnp.asarray(timesteps, jnp.int32))
+
+
+def at_step(params: CorrectionParams, i) -> CorrectionParams:
+  """The parameters of scan position i (leading axis dropped)."""
+  return jax.tree.map(lambda a: a[i], params)
+
+
+def scale_params(params: CorrectionParams, gain: float, offset: float) -> CorrectionParams:
+  """The correction at a strength: `gain` scales the terms proportional to the network
+  output (K, G, K_prev), `offset` the additive ones (beta, x_shift). (0, 0) is the identity."""
+  sc = lambda a, s: None if a is None else a * s
+  return params.replace(K=params.K * gain, beta=params.beta * offset, G=sc(params.G, gain),
+                        K_prev=sc(params.K_prev, gain), x_shift=sc(params.x_shift, offset))
+
+
+# ----------------------------------------------------------------------------- the correction
+
+def correction(p: CorrectionParams, eps_q, e_hat, eps_q_prev):
+  """d_hat of one step (`p` = `at_step(params, i)`): what is subtracted from eps_q."""
+  d_hat = p.K * eps_q + p.beta
+  if p.G is not None:
+    d_hat = d_hat + p.G * e_hat
+  if p.K_prev is not None:
+    d_hat = d_hat + p.K_prev * eps_q_prev
+  if p.mask_threshold is not None:
+    mag = jnp.abs(eps_q)
+    mean = jnp.mean(mag, axis=tuple(range(1, eps_q.ndim - 1)), keepdims=True)
+    d_hat = jnp.where(mag > p.mask_threshold * mean, d_hat, 0.0)
+  return d_hat
+
+
+def shifted_state(p: CorrectionParams, x):
+  """The state after the input bias correction (x - x_shift)."""
+  return x if p.x_shift is None else x - p.x_shift
+
+
+def network_input(p: CorrectionParams, x, t):
+  """(x_in, t_in) the network sees at this step."""
+  x = shifted_state(p, x)
+  x_in = x if p.in_scale is None else p.in_scale * x
+  return x_in, (t if p.t_in is None else p.t_in)
+
+
+def corrected_step(sampler: Sampler, p: CorrectionParams, i, inner, eps_q, e_hat, eps_q_prev):
+  """One compensated sampler step: (new inner state, new e_hat, d_hat)."""
+  c = sampler.coeffs
+  x = shifted_state(p, inner.x)
+  if p.x_shift is not None:
+    inner = inner._replace(x=x)
+  d_hat = correction(p, eps_q, e_hat, eps_q_prev)
+  new = sampler.step(inner, eps_q - d_hat, i)
+  if p.noise_var is not None and c.stochastic:
+    # PTQD: the uncorrected residual adds variance b^2 rho; take it out of the step noise.
+    sigma = c.sigma[i]
+    reduced = jnp.sqrt(jnp.maximum(sigma ** 2 - c.b[i] ** 2 * p.noise_var, 0.0))
+    z = step_noise(inner.key, i, eps_q.shape, eps_q.dtype)
+    new = new._replace(x=new.x - (sigma - reduced) * z)
+  return new, p.phi * e_hat + c.b[i] * d_hat, d_hat
 
 
 # ----------------------------------------------------------------------------- least squares
@@ -119,8 +202,12 @@ class AffineStats(NamedTuple):
   sxy: jax.Array
 
 
+def reduce_axes(x, per_channel: bool = True):
+  return tuple(range(x.ndim - 1)) if per_channel else tuple(range(x.ndim))
+
+
 def affine_stats(x: jax.Array, y: jax.Array, per_channel: bool = True) -> AffineStats:
-  axes = tuple(range(x.ndim - 1)) if per_channel else tuple(range(x.ndim))
+  axes = reduce_axes(x, per_channel)
   n = jnp.asarray(np.prod([x.shape[a] for a in axes]), jnp.float32)
   s = lambda v: jnp.sum(v, axis=axes)
   return AffineStats(n=jnp.broadcast_to(n, s(x).shape), sx=s(x), sy=s(y), sxx=s(x * x), sxy=s(x * y))
@@ -138,6 +225,24 @@ def solve_affine(st: AffineStats, intercept: bool = True, ridge: float = 1e-6):
   return k, jnp.zeros_like(k)
 
 
+def channel_moments(x, per_channel: bool = True):
+  """(mean, variance) over all but the channel axis (or over everything)."""
+  axes = reduce_axes(x, per_channel)
+  m = jnp.mean(x, axis=axes)
+  return m, jnp.mean(x * x, axis=axes) - m * m
+
+
+def preserve_variance(K, beta, eps_q, eps_fp, per_channel: bool = True):
+  """(K', beta') whose corrected output eps_q - (K' eps_q + beta') = g eps_q + h has the same
+  mean as with (K, beta) and the float output's per-channel std, g = std_fp / std_q > 0 (no
+  shrinkage, and no sign flip where the least-squares slope overshoots)."""
+  m_q, v_q = channel_moments(eps_q, per_channel)
+  _, v_fp = channel_moments(eps_fp, per_channel)
+  mean_corrected = (1.0 - K) * m_q - beta
+  g_new = jnp.sqrt(v_fp / (v_q + 1e-12))
+  return 1.0 - g_new, g_new * m_q - mean_corrected
+
+
 # ----------------------------------------------------------------------------- calibration
 
 def check_calibration_noise(x_T):
@@ -151,6 +256,55 @@ def default_phi(coeffs, channels: int) -> jax.Array:
   return coeffs.a[:, None] * jnp.ones((1, channels))
 
 
+class StepInputs(NamedTuple):
+  """What a method's per-step fit sees at scan position i."""
+  i: jax.Array
+  t: jax.Array            # [B] the sampler's timestep
+  x_fp: jax.Array         # float trajectory
+  x_c: jax.Array          # compensated quantized trajectory
+  eps_fp: jax.Array       # eps(x_fp, t)
+  e_hat: jax.Array        # carried estimate of plain PTQ's error
+  eps_q_prev: jax.Array   # eps_q of step i-1 on the compensated trajectory (0 at i = 0)
+  aux: jax.Array          # a method's own carried array, like x (zeros at i = 0)
+
+
+def calibration_scan(fit_step, sampler: Sampler, apply_fp: ApplyFn, var_fp, x_T, key,
+                     phi, sequential: bool = True, check_finite: bool = True):
+  """The calibration scan every method shares.
+
+  Carry: (float state, compensated state, e_hat, cached eps_q, aux). At each step
+  `fit_step(StepInputs) -> (p_i, eps_q, aux)` returns the step's parameters (phi excluded),
+  the quantized output at the input they imply and the method's next carried array (e.g.
+  StepbaQ's accumulated error); both trajectories then advance, the
+  compensated one with p_i applied exactly as `compensate` applies it online (or without
+  it when `sequential` is False). Returns the stacked CorrectionParams.
+  """
+  check_calibration_noise(x_T)
+  c = sampler.coeffs
+
+  def body(carry, i):
+    s_fp, s_c, e_hat, q_prev, aux = carry
+    t = batch_timestep(c.t[i], x_T)
+    eps_fp = apply_fp(var_fp, s_fp.x, t)
+    p_i, eps_q, aux = fit_step(StepInputs(i, t, s_fp.x, s_c.x, eps_fp, e_hat, q_prev, aux))
+    p_i = p_i.replace(phi=phi[i], timesteps=c.t[i])
+    if sequential:
+      s_c, e_hat, _ = corrected_step(sampler, p_i, i, s_c, eps_q, e_hat, q_prev)
+    else:
+      e_hat = phi[i] * e_hat + c.b[i] * correction(p_i, eps_q, e_hat, q_prev)
+      s_c = sampler.step(s_c, eps_q, i)
+    bad = ~jnp.all(jnp.isfinite(eps_q)) | ~jnp.all(jnp.isfinite(s_c.x))
+    return (sampler.step(s_fp, eps_fp, i), s_c, e_hat, eps_q, aux), (p_i, bad)
+
+  init = (sampler.init(x_T, key), sampler.init(x_T, key), jnp.zeros_like(x_T),
+          jnp.zeros_like(x_T), jnp.zeros_like(x_T))
+  _, (params, bad) = jax.lax.scan(body, init, jnp.arange(c.num_steps))
+  if check_finite and not isinstance(bad, jax.core.Tracer) and bool(jnp.any(bad)):
+    raise ValueError("calibration trajectories contain NaN/inf (first bad step "
+                     f"{int(jnp.argmax(bad))}); check the quantized model and the input noise.")
+  return params
+
+
 def _solve_with_e_hat(eps_q, e_hat, target, ridge):
   """Per-channel least squares target ~ K eps_q + G e_hat + beta (3x3 normal equations)."""
   X = jnp.stack([eps_q, e_hat, jnp.ones_like(eps_q)], axis=-1)      # [..., C, 3]
@@ -162,73 +316,50 @@ def _solve_with_e_hat(eps_q, e_hat, target, ridge):
   return w[:, 0], w[:, 2], w[:, 1]
 
 
-def calibrate(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampler,
-              x_T: jax.Array, key: jax.Array, fit: FitConfig | str = "tcec",
-              phi: Optional[jax.Array] = None, check_finite: bool = True) -> TCECParams:
-  """Fits the correction step by step in one `lax.scan` (jit it at the call site)."""
-  check_calibration_noise(x_T)
-  if isinstance(fit, str):
-    fit = get_fit_config(fit)
-    if fit is None:
-      return zero_params(sampler.coeffs.num_steps, x_T.shape[-1], sampler.coeffs.t, phi)
+def least_squares_fit_step(fit: FitConfig, sampler: Sampler, apply_fp, var_fp, apply_q, var_q):
+  """Per-step fit of the FitConfig family (per_step, tcec, tcec_vp, tcec_ehat):
+
+      D_i = (eps_q - eps) + (a_i / b_i) e_i  ~  K_i eps_q + beta_i (+ G_i e_hat)
+  """
   c = sampler.coeffs
-  C = x_T.shape[-1]
-  phi = default_phi(c, C) if phi is None else jnp.asarray(phi, jnp.float32)
 
-  def body(carry, i):
-    s_fp, s_c, e_hat = carry
-    t = batch_timestep(c.t[i], x_T)
-    eps_q = apply_q(var_q, s_c.x, t)
-    G, rho = jnp.zeros((C,)), jnp.zeros(())
+  def fit_step(s: StepInputs):
+    eps_q = apply_q(var_q, s.x_c, s.t)
     if fit.target == "cumulative":
-      eps = apply_fp(var_fp, s_fp.x, t)
-      target = (eps_q - eps) + (c.a[i] / c.b[i]) * (s_c.x - s_fp.x)
-      s_fp = sampler.step(s_fp, eps, i)
+      D = (eps_q - s.eps_fp) + (c.a[s.i] / c.b[s.i]) * (s.x_c - s.x_fp)
     else:
-      eps_at_c = apply_fp(var_fp, s_c.x, t)
-      target = eps_q - eps_at_c
-    if fit.absorb_variance:
-      # PTQD: eps_q - eps = k eps + r with r uncorrelated with the float output eps, so
-      # eps_q / (1 + k) = eps + r / (1 + k): d_hat = k / (1 + k) eps_q, and r's variance
-      # (over 1 + k) is what the sampler noise can absorb.
-      ref = eps_at_c if fit.target == "same_input" else eps
-      kf, _ = solve_affine(affine_stats(ref, target, fit.per_channel), False, fit.ridge)
-      k, beta = kf / (1 + kf), jnp.zeros_like(kf)
-      rho = jnp.mean((target - kf * ref) ** 2) / jnp.mean((1 + kf) ** 2)
-    elif fit.e_hat_regressor:
-      k, beta, G = _solve_with_e_hat(eps_q, e_hat, target, fit.ridge)
+      D = eps_q - apply_fp(var_fp, s.x_c, s.t)
+    C = eps_q.shape[-1]
+    G = None
+    if fit.e_hat_regressor:
+      K, beta, G = _solve_with_e_hat(eps_q, s.e_hat, D, fit.ridge)
     else:
-      k, beta = solve_affine(affine_stats(eps_q, target, fit.per_channel), fit.intercept, fit.ridge)
-    k, beta = jnp.broadcast_to(k, (C,)), jnp.broadcast_to(beta, (C,))
-    d_hat = k * eps_q + beta + G * e_hat
-    s_c = sampler.step(s_c, eps_q - d_hat if fit.sequential else eps_q, i)
-    e_hat = phi[i] * e_hat + c.b[i] * d_hat
-    bad = ~jnp.all(jnp.isfinite(target))
-    return (s_fp, s_c, e_hat), (k, beta, G, rho, bad)
+      K, beta = solve_affine(affine_stats(eps_q, D, fit.per_channel), fit.intercept, fit.ridge)
+      if fit.preserve_variance:
+        K, beta = preserve_variance(K, beta, eps_q, s.eps_fp, fit.per_channel)
+    K, beta = jnp.broadcast_to(K, (C,)), jnp.broadcast_to(beta, (C,))
+    return CorrectionParams(K=K, beta=beta, phi=None, timesteps=None, G=G), eps_q, s.aux
 
-  init = (sampler.init(x_T, key), sampler.init(x_T, key), jnp.zeros_like(x_T))
-  _, (K, beta, G, rho, bad) = jax.lax.scan(body, init, jnp.arange(c.num_steps))
-  if check_finite and not isinstance(bad, jax.core.Tracer) and bool(jnp.any(bad)):
-    raise ValueError("calibration trajectories contain NaN/inf (first bad step "
-                     f"{int(jnp.argmax(bad))}); check the quantized model and the input noise.")
-  return TCECParams(K=K, beta=beta, phi=phi, timesteps=c.t,
-                    G=G if fit.e_hat_regressor else None,
-                    noise_var=rho if fit.absorb_variance else None)
+  return fit_step
 
 
-def check_params_finite(params: TCECParams, where: str = "calibration") -> TCECParams:
-  """Raises ValueError when fitted K / beta hold NaN/inf (for jitted calibrations, whose
+def check_params_finite(params: CorrectionParams, where: str = "calibration") -> CorrectionParams:
+  """Raises ValueError when fitted parameters hold NaN/inf (for jitted calibrations, whose
   in-scan check cannot raise)."""
-  arrays = [a for a in (params.K, params.beta, params.G, params.noise_var) if a is not None]
+  arrays = [a for a in jax.tree.leaves(params)]
   if not all(np.all(np.isfinite(to_host(a))) for a in arrays):
     raise ValueError(f"{where} produced NaN/inf parameters; check the quantized model and the "
                      "input noise.")
   return params
 
 
-def resample_params(params: TCECParams, sampler: Sampler) -> TCECParams:
+def resample_params(params: CorrectionParams, sampler: Sampler) -> CorrectionParams:
   """Params fitted for one step count, linearly interpolated in t to `sampler`'s timesteps
   (calibrate once, sample with another step count); phi is reset to the new a_k."""
+  if params.t_in is not None or params.mask_threshold is not None:
+    raise ValueError("resample_params supports the least-squares methods (per_step, tcec*, "
+                     "ptqd, paper_m1 without re-deriving K_prev); calibrate this method for "
+                     "the new sampler instead.")
   src = to_host(params.timesteps).astype(np.float64)
   dst = np.asarray(sampler.coeffs.t, np.float64)
   order = np.argsort(src)
@@ -237,14 +368,16 @@ def resample_params(params: TCECParams, sampler: Sampler) -> TCECParams:
     if a is None:
       return None
     a = to_host(a).astype(np.float64)
-    cols = a[:, None] if a.ndim == 1 else a
+    cols = a.reshape(a.shape[0], -1)
     out = np.stack([np.interp(dst, src[order], cols[order, j]) for j in range(cols.shape[1])], 1)
-    return jnp.asarray(out[:, 0] if a.ndim == 1 else out, jnp.float32)
+    return jnp.asarray(out.reshape((dst.shape[0],) + a.shape[1:]), jnp.float32)
 
   C = params.num_channels
-  return TCECParams(K=interp(params.K), beta=interp(params.beta),
-                    phi=default_phi(sampler.coeffs, C), timesteps=sampler.coeffs.t,
-                    G=interp(params.G), noise_var=interp(params.noise_var))
+  return CorrectionParams(K=interp(params.K), beta=interp(params.beta),
+                          phi=default_phi(sampler.coeffs, C), timesteps=sampler.coeffs.t,
+                          G=interp(params.G), noise_var=interp(params.noise_var),
+                          x_shift=interp(params.x_shift), in_scale=interp(params.in_scale),
+                          K_prev=interp(params.K_prev))
 
 
 # ----------------------------------------------------------------------------- online use
@@ -256,70 +389,89 @@ class ErrorState(NamedTuple):
 class CompensatedState(NamedTuple):
   inner: Any
   error: ErrorState
+  eps_q_prev: Any = None  # the previous step's quantized output (methods with K_prev)
 
   @property
   def x(self):
     return self.inner.x
 
 
-def check_params(params: TCECParams, sampler: Sampler, channels: Optional[int] = None) -> None:
+def check_shapes(params: CorrectionParams) -> None:
+  """Raises ValueError when the fields of `params` disagree in shape."""
+  if params.K.ndim != 2:
+    raise ValueError(f"correction params: K must be [steps, channels], got {tuple(params.K.shape)}.")
+  n, C = params.K.shape
+  want = {"beta": (n, C), "phi": (n, C), "G": (n, C), "K_prev": (n, C), "noise_var": (n,),
+          "in_scale": (n,), "t_in": (n,), "mask_threshold": (n,), "timesteps": (n,)}
+  for name, shape in want.items():
+    a = getattr(params, name)
+    if a is not None and tuple(a.shape) != shape:
+      raise ValueError(f"correction params: {name} has shape {tuple(a.shape)}, want {shape} "
+                       f"(K is {(n, C)}).")
+  if params.x_shift is not None and (params.x_shift.shape[0] != n or params.x_shift.shape[-1] != C):
+    raise ValueError(f"correction params: x_shift has shape {tuple(params.x_shift.shape)}, want "
+                     f"({n}, H, W, {C}).")
+
+
+def check_params(params: CorrectionParams, sampler: Sampler, channels: Optional[int] = None) -> None:
+  """Raises ValueError when `params` do not fit `sampler` (steps, timesteps) or `channels`."""
   n = sampler.coeffs.num_steps
   if params.K.shape[0] != n:
-    raise ValueError(f"TCEC params were fitted for {params.K.shape[0]} sampler steps but the "
-                     f"sampler runs {n}; calibrate for this sampler.")
+    raise ValueError(f"correction params were fitted for {params.K.shape[0]} sampler steps but "
+                     f"the sampler runs {n}; calibrate for this sampler.")
+  check_shapes(params)
   if not isinstance(params.timesteps, jax.core.Tracer) and not np.array_equal(
       to_host(params.timesteps), to_host(sampler.coeffs.t)):
-    raise ValueError("TCEC params were fitted for different timesteps than this sampler's; "
-                     "calibrate with the same schedule, step count and spacing.")
+    raise ValueError("correction params were fitted for different timesteps than this "
+                     "sampler's; calibrate with the same schedule, step count and spacing.")
   if channels is not None and params.K.shape[1] != channels:
-    raise ValueError(f"TCEC params have {params.K.shape[1]} channels but the samples have "
+    raise ValueError(f"correction params have {params.K.shape[1]} channels but the samples have "
                      f"{channels}; they were fitted for another model.")
-  if params.G is not None and params.G.shape != params.K.shape:
-    raise ValueError(f"TCEC params: G has shape {params.G.shape}, K {params.K.shape}.")
-  if params.noise_var is not None and params.noise_var.shape != (n,):
-    raise ValueError(f"TCEC params: noise_var has shape {params.noise_var.shape}, want {(n,)}.")
 
 
-def compensate(sampler: Sampler, params: Optional[TCECParams]) -> Sampler:
-  """Wraps a sampler so each step corrects eps_q; `params=None` is the identity (`none`)."""
+def compensate(sampler: Sampler, params: Optional[CorrectionParams]) -> Sampler:
+  """Wraps a sampler so each step corrects eps_q; `params=None` is the identity (`none`).
+
+  Args:
+    sampler: any affine sampler (`samplers.ddim`, `samplers.ddpm`, ...).
+    params: fitted CorrectionParams for this sampler's steps, or None.
+  Returns:
+    A Sampler whose state is CompensatedState(inner, ErrorState(e_hat), eps_q_prev).
+  """
   c = sampler.coeffs
-  stochastic = c.stochastic
   if params is not None:
     check_params(params, sampler)
 
   def init(x_T, key):
     if params is not None:
       check_params(params, sampler, x_T.shape[-1])
-    return CompensatedState(sampler.init(x_T, key), ErrorState(jnp.zeros_like(x_T)))
+    return CompensatedState(sampler.init(x_T, key), ErrorState(jnp.zeros_like(x_T)),
+                            jnp.zeros_like(x_T))
+
+  def prepare(state: CompensatedState, i):
+    return network_input(at_step(params, i), state.x, c.t[i])
 
   def step(state: CompensatedState, eps_q, i):
     if params is None:
-      return CompensatedState(sampler.step(state.inner, eps_q, i), state.error)
-    d_hat = params.K[i] * eps_q + params.beta[i]
-    if params.G is not None:
-      d_hat = d_hat + params.G[i] * state.error.e_hat
-    inner = sampler.step(state.inner, eps_q - d_hat, i)
-    if params.noise_var is not None and stochastic:
-      # PTQD: the uncorrected residual adds variance b^2 rho; take it out of the step noise.
-      sigma = c.sigma[i]
-      reduced = jnp.sqrt(jnp.maximum(sigma ** 2 - c.b[i] ** 2 * params.noise_var[i], 0.0))
-      z = step_noise(state.inner.key, i, eps_q.shape, eps_q.dtype)
-      inner = inner._replace(x=inner.x - (sigma - reduced) * z)
-    e_hat = params.phi[i] * state.error.e_hat + c.b[i] * d_hat
-    return CompensatedState(inner, ErrorState(e_hat))
+      return state._replace(inner=sampler.step(state.inner, eps_q, i))
+    inner, e_hat, _ = corrected_step(sampler, at_step(params, i), i, state.inner, eps_q,
+                                     state.error.e_hat, state.eps_q_prev)
+    return CompensatedState(inner, ErrorState(e_hat), eps_q)
 
-  return Sampler(coeffs=c, init=init, step=step)
+  needs_prepare = params is not None and (params.x_shift is not None or params.in_scale is not None
+                                          or params.t_in is not None)
+  return Sampler(coeffs=c, init=init, step=step, prepare=prepare if needs_prepare else None)
 
 
 # ----------------------------------------------------------------------------- persistence
 
-OPTIONAL_FIELDS = ("G", "noise_var")
-
-
-def save_params(directory: str, params: TCECParams, meta: Optional[Dict[str, Any]] = None) -> str:
+def save_params(directory: str, params: CorrectionParams,
+                meta: Optional[Dict[str, Any]] = None) -> str:
+  """Saves fitted parameters with orbax under `directory`/tcec (+ tcec.json)."""
   directory = os.path.abspath(directory)
-  tree = {"K": params.K, "beta": params.beta, "phi": params.phi, "timesteps": params.timesteps}
-  tree.update({k: getattr(params, k) for k in OPTIONAL_FIELDS if getattr(params, k) is not None})
+  check_shapes(params)
+  check_params_finite(params, "save_params")
+  tree = {k: v for k, v in dataclasses.asdict(params).items() if v is not None}
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, "tcec"), jax.device_get(tree), force=True)
   ckptr.wait_until_finished()
@@ -330,30 +482,28 @@ def save_params(directory: str, params: TCECParams, meta: Optional[Dict[str, Any
 
 
 def load_params(directory: str, sampler: Optional[Sampler] = None,
-                channels: Optional[int] = None) -> TCECParams:
-  """Loads TCECParams; validates shapes (and against `sampler` / `channels` if given)."""
+                channels: Optional[int] = None) -> CorrectionParams:
+  """Loads CorrectionParams; validates shapes, finiteness, and `sampler` / `channels` if given."""
   directory = os.path.abspath(directory)
   path = os.path.join(directory, "tcec")
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"no TCEC params at {directory} (missing tcec/); run calibration first.")
+    raise FileNotFoundError(f"no correction params at {directory} (missing tcec/); run "
+                            "calibration first.")
   try:
     tree = ocp.StandardCheckpointer().restore(path)
   except Exception as e:
-    raise ValueError(f"could not read TCEC params from {path}: {type(e).__name__}: {e}") from e
+    raise ValueError(f"could not read correction params from {path}: {type(e).__name__}: {e}") from e
   required = {"K", "beta", "phi", "timesteps"}
   if not required <= set(tree) <= required | set(OPTIONAL_FIELDS):
-    raise ValueError(f"corrupt TCEC params at {path}: keys {sorted(tree)}.")
-  n, ch = tree["K"].shape
-  for name in ("beta", "phi", "G"):
-    if name in tree and tree[name].shape != (n, ch):
-      raise ValueError(f"corrupt TCEC params: {name} has shape {tree[name].shape}, want {(n, ch)}.")
-  if "noise_var" in tree and tree["noise_var"].shape != (n,):
-    raise ValueError(f"corrupt TCEC params: noise_var shape {tree['noise_var'].shape}, want {(n,)}.")
-  if tree["timesteps"].shape != (n,):
-    raise ValueError(f"corrupt TCEC params: timesteps shape {tree['timesteps'].shape}, want {(n,)}.")
-  params = TCECParams(**{k: jnp.asarray(v) for k, v in tree.items()})
+    raise ValueError(f"corrupt correction params at {path}: keys {sorted(tree)}.")
+  params = CorrectionParams(**{k: jnp.asarray(v) for k, v in tree.items()})
+  try:
+    check_shapes(params)
+  except ValueError as e:
+    raise ValueError(f"corrupt correction params at {path}: {e}") from e
+  check_params_finite(params, f"correction params at {path}")
   if sampler is not None:
     check_params(params, sampler, channels)
-  elif channels is not None and ch != channels:
-    raise ValueError(f"TCEC params have {ch} channels, expected {channels}.")
+  elif channels is not None and params.num_channels != channels:
+    raise ValueError(f"correction params have {params.num_channels} channels, expected {channels}.")
   return params

@@ -1,1 +1,1 @@
-from tac_jax.metrics.image import psnr, ssim
+from tac_jax.metrics.image import pixel_std, psnr, quality_ratios, sharpness, ssim

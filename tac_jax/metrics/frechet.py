@@ -109,11 +109,24 @@ class FeatureExtractor:
     self.batch = batch
     self._feats = jax.jit(lambda p, x: self.model.apply({"params": p}, x, return_features=True))
 
+  def adapt(self, images: np.ndarray) -> np.ndarray:
+    """Images of another size or with one channel, resized (bilinear) to the classifier's
+    input and gray repeated over its channels: a feature space for gray or larger digit
+    images too (still this classifier's, not a general one)."""
+    h, w, c = self.input_shape
+    if images.ndim != 4 or images.shape[-1] not in (1, c):
+      raise ValueError(f"the classifier takes images [B, H, W, {c} or 1], got {images.shape}.")
+    if images.shape[1:3] != (h, w):
+      images = np.asarray(jax.image.resize(images, (images.shape[0], h, w, images.shape[-1]),
+                                           "bilinear"))
+    if images.shape[-1] == 1:
+      images = np.repeat(images, c, axis=-1)
+    return images
+
   def __call__(self, images) -> np.ndarray:
     images = np.asarray(images, np.float32)
     if images.shape[1:] != self.input_shape:
-      raise ValueError(f"the classifier takes images of shape [B, {', '.join(map(str, self.input_shape))}], "
-                       f"got {images.shape}.")
+      images = self.adapt(images)
     out = [np.asarray(self._feats(self.params, jnp.asarray(np.clip(images[i:i + self.batch], -1, 1))))
            for i in range(0, images.shape[0], self.batch)]
     return np.concatenate(out).astype(np.float64)

@@ -45,3 +45,21 @@ def ssim(x: jax.Array, ref: jax.Array, data_range: float = 2.0, window: int = 7,
   sxy = blur(x * ref) - mx * my
   s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
   return jnp.mean(s, axis=(1, 2, 3))
+
+
+def pixel_std(x: jax.Array) -> jax.Array:
+  """Per-sample standard deviation over pixels and channels (contrast)."""
+  return jnp.std(x, axis=tuple(range(1, x.ndim)))
+
+
+def sharpness(x: jax.Array) -> jax.Array:
+  """Per-sample mean |Laplacian| (3x3, per channel, interior pixels): blur lowers it."""
+  lap = (x[:, 1:-1, :-2] + x[:, 1:-1, 2:] + x[:, :-2, 1:-1] + x[:, 2:, 1:-1]
+         - 4.0 * x[:, 1:-1, 1:-1])
+  return jnp.mean(jnp.abs(lap), axis=tuple(range(1, x.ndim)))
+
+
+def quality_ratios(x: jax.Array, ref: jax.Array) -> dict:
+  """Mean pixel std and mean sharpness of `x` as ratios to those of `ref` (1 = as ref)."""
+  return {"std_ratio": jnp.mean(pixel_std(x)) / jnp.mean(pixel_std(ref)),
+          "sharpness_ratio": jnp.mean(sharpness(x)) / jnp.mean(sharpness(ref))}

@@ -1,0 +1,157 @@
+"""Calibration of every compensation method by name, and the safe default (`tcec_safe`).
+
+`calibrate` runs one method's fit in one `lax.scan` (jittable). `calibrate_safe` wraps a
+fitted correction in a validation loop that cannot do worse than no correction on
+held-out calibration seeds: the calibration seeds are split into a fit half and a
+validation half; the correction is fitted on the first; on the second, every strength
+(gain term, offset term) on a grid -- (0, 0), no correction, included -- is sampled and
+scored by the final-sample PSNR against the float model; strengths whose samples lose
+more contrast or sharpness than plain PTQ's (beyond a tolerance) are not admissible, and
+unless the best admissible strength beats no correction by `min_gain_db`, the result is
+no correction (a fallback the report states).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tac_jax import metrics
+from tac_jax.diffusion.samplers import ApplyFn, Sampler, sample
+from tac_jax.diffusion.schedules import Schedule
+from tac_jax.errors import reference
+from tac_jax.errors.compensation import (REFERENCE_METHODS, SAFE_METHOD, CorrectionParams,
+                                         FitConfig, calibration_scan, check_calibration_noise,
+                                         compensate, default_phi, get_fit_config,
+                                         least_squares_fit_step, scale_params, zero_params)
+from tac_jax.host import to_host
+
+
+def calibrate(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampler,
+              x_T: jax.Array, key: jax.Array, fit: FitConfig | str = "tcec",
+              phi: Optional[jax.Array] = None, check_finite: bool = True,
+              schedule: Optional[Schedule] = None,
+              reference_config: reference.ReferenceConfig = reference.ReferenceConfig()
+              ) -> CorrectionParams:
+  """Fits a compensation method step by step in one `lax.scan` (jit it at the call site).
+
+  Args:
+    apply_fp, var_fp: the float network `apply(variables, x, t) -> eps` (t: int32 [B]) and
+      its variables.
+    apply_q, var_q: the quantized network and its variables.
+    sampler: the sampler the correction is for (its steps and timesteps).
+    x_T: [B, H, W, C] calibration starting noise; key: its step-noise key.
+    fit: a method name (`METHODS`; `tcec_safe` goes through `calibrate_safe`) or a FitConfig.
+    phi: [N, C] propagation gains of the carried error estimate (default a_i).
+    check_finite: raise when the trajectories hold NaN/inf (skipped under jit).
+    schedule: the noise schedule, needed by `stepbaq` (its shifted timesteps).
+    reference_config: hyperparameters of the reference methods.
+  Returns:
+    CorrectionParams with a leading axis of N sampler steps.
+  """
+  C = x_T.shape[-1]
+  phi = default_phi(sampler.coeffs, C) if phi is None else jnp.asarray(phi, jnp.float32)
+  if isinstance(fit, str):
+    if fit == SAFE_METHOD:
+      raise ValueError(f"{SAFE_METHOD!r} validates on held-out seeds outside one scan: call "
+                       "errors.calibrate_safe (not under jit).")
+    if fit in REFERENCE_METHODS:
+      step, sequential = reference.fit_step(fit, sampler, apply_fp, var_fp, apply_q, var_q, schedule,
+                                            reference_config)
+      return calibration_scan(step, sampler, apply_fp, var_fp, x_T, key, phi, sequential,
+                              check_finite)
+    fit = get_fit_config(fit)
+    if fit is None:
+      check_calibration_noise(x_T)
+      return zero_params(sampler.coeffs.num_steps, C, sampler.coeffs.t, phi)
+  step = least_squares_fit_step(fit, sampler, apply_fp, var_fp, apply_q, var_q)
+  return calibration_scan(step, sampler, apply_fp, var_fp, x_T, key, phi, fit.sequential,
+                          check_finite)
+
+
+@dataclasses.dataclass(frozen=True)
+class SafeConfig:
+  """How `calibrate_safe` validates a correction."""
+  base: str = "tcec"                          # the method whose strength is chosen
+  strengths: Tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # grid for each of the 2 terms
+  val_fraction: float = 0.5                   # share of calibration seeds held out
+  min_gain_db: float = 0.05                   # needed over no correction on validation
+  quality_tol: float = 0.05                   # extra |log std ratio| + |log sharpness ratio|
+
+  def __post_init__(self):
+    if self.base == SAFE_METHOD or self.base == "none":
+      raise ValueError(f"SafeConfig.base must be a fitted method, got {self.base!r}.")
+    if not 0.0 < self.val_fraction < 1.0:
+      raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}.")
+    if 0.0 not in self.strengths or any(s < 0 for s in self.strengths):
+      raise ValueError(f"strengths must be >= 0 and include 0 (no correction), got {self.strengths}.")
+
+
+def quality_deviation(std_ratio, sharpness_ratio) -> float:
+  """How far contrast and sharpness are from the float model's (0 = equal)."""
+  return float(abs(np.log(std_ratio)) + abs(np.log(sharpness_ratio)))
+
+
+def split_calibration(x_T: jax.Array, key: jax.Array, val_fraction: float):
+  """(x_fit, key_fit, x_val, key_val): disjoint seeds, independent step noise."""
+  B = x_T.shape[0]
+  n_val = int(round(B * val_fraction))
+  if B < 2 or not 1 <= n_val < B:
+    raise ValueError(f"{SAFE_METHOD} splits the calibration seeds into a fit and a validation "
+                     f"part: got {B} seed(s) with val_fraction={val_fraction}; use >= 2 seeds.")
+  return x_T[:B - n_val], key, x_T[B - n_val:], jax.random.fold_in(key, 1)
+
+
+def calibrate_safe(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampler,
+                   x_T: jax.Array, key: jax.Array, config: SafeConfig = SafeConfig(),
+                   phi: Optional[jax.Array] = None, schedule: Optional[Schedule] = None,
+                   log=None) -> Tuple[CorrectionParams, Dict[str, Any]]:
+  """Fits `config.base` on part of the calibration seeds and picks its strength on the rest.
+
+  Args: as `calibrate`, plus `config` (SafeConfig) and `log` (a print-like callable).
+  Returns:
+    (params, report): the correction at the chosen strength (all zeros when it fell back)
+    and a dict with the chosen `gain` / `offset`, `fell_back`, the validation PSNR of no
+    correction and of the choice, and every candidate's scores.
+  """
+  check_calibration_noise(x_T)
+  x_fit, key_fit, x_val, key_val = split_calibration(x_T, key, config.val_fraction)
+  fit = jax.jit(functools.partial(calibrate, apply_fp, var_fp, apply_q, var_q, sampler,
+                                  fit=config.base, phi=phi, check_finite=False, schedule=schedule))
+  base = fit(x_fit, key_fit)
+  x_ref = jax.jit(lambda x, k: sample(apply_fp, var_fp, sampler, x, k)[0].x)(x_val, key_val)
+
+  @jax.jit
+  def score(params):
+    x = sample(apply_q, var_q, compensate(sampler, params), x_val, key_val)[0].x
+    q = metrics.quality_ratios(x, x_ref)
+    return jnp.mean(metrics.psnr(x, x_ref)), q["std_ratio"], q["sharpness_ratio"], jnp.all(
+        jnp.isfinite(x))
+
+  rows = []
+  for gain, offset in itertools.product(config.strengths, config.strengths):
+    psnr, std_r, sharp_r, finite = (float(to_host(v)) for v in score(scale_params(base, gain, offset)))
+    rows.append({"gain": gain, "offset": offset, "psnr": psnr if finite else float("-inf"),
+                 "std_ratio": std_r, "sharpness_ratio": sharp_r,
+                 "deviation": quality_deviation(std_r, sharp_r) if finite else float("inf")})
+  none = next(r for r in rows if r["gain"] == 0 and r["offset"] == 0)
+  for r in rows:
+    r["admissible"] = bool(r["deviation"] <= none["deviation"] + config.quality_tol)
+  best = max((r for r in rows if r["admissible"]), key=lambda r: r["psnr"])
+  fell_back = best["psnr"] < none["psnr"] + config.min_gain_db
+  chosen = none if fell_back else best
+  report = {"base": config.base, "gain": chosen["gain"], "offset": chosen["offset"],
+            "fell_back": bool(fell_back), "val_psnr_none": none["psnr"],
+            "val_psnr": chosen["psnr"], "num_fit": int(x_fit.shape[0]),
+            "num_val": int(x_val.shape[0]), "candidates": rows}
+  if log is not None:
+    log(f"{SAFE_METHOD}: {config.base} at gain {chosen['gain']}, offset {chosen['offset']} "
+        f"(validation PSNR {chosen['psnr']:.2f} vs {none['psnr']:.2f} dB without)"
+        + (" -- fell back to no correction" if fell_back else ""))
+  return scale_params(base, chosen["gain"], chosen["offset"]), report

@@ -1,0 +1,188 @@
+"""The field's compensators, each on a toy where its own assumption holds, and the safe
+default (validated strength, fallback to no correction)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tac_jax import errors
+from tac_jax.diffusion import samplers, schedules
+
+SCHED = schedules.make_schedule("linear", 1000)
+NOISE_KEY = jax.random.key(321)
+GAIN = jnp.array([1.25, 0.8, 1.1])          # per-channel output gain of the 'quantized' net
+SIGMA0 = 0.5
+
+
+def _abar(t):
+  return jnp.asarray(SCHED.alphas_cumprod, jnp.float32)[t].reshape((-1, 1, 1, 1))
+
+
+def gaussian_eps(v, x, t):
+  """The exact noise predictor for data x0 ~ N(0, SIGMA0^2)."""
+  ab = _abar(t)
+  return jnp.sqrt(1 - ab) * x / (ab * SIGMA0 ** 2 + 1 - ab)
+
+
+def gain_eps(v, x, t):
+  """Error exactly proportional to the output, per channel (NER's and paper_m1's model)."""
+  return GAIN * gaussian_eps(v, x, t)
+
+
+def offset_eps(v, x, t):
+  """Error a constant per-channel offset: the trajectories drift apart in the mean (IBC)."""
+  return gaussian_eps(v, x, t) + jnp.array([0.15, -0.1, 0.05])
+
+
+def white_noise_eps(scale):
+  """Error fresh white noise at every call: a noisier latent (StepbaQ's model); nothing
+  about it is predictable from the output (the safe fit must not correct it)."""
+  def eps_q(v, x, t):
+    return gaussian_eps(v, x, t) + scale * jax.random.normal(jax.random.fold_in(NOISE_KEY, t[0]),
+                                                             x.shape)
+  return eps_q
+
+
+def _x(seed, n):
+  return jax.random.normal(jax.random.key(seed), (n, 4, 4, 3))
+
+
+def _run(apply_fn, sampler, x, key, params=None):
+  return jax.jit(lambda x: samplers.sample(apply_fn, {}, errors.compensate(sampler, params), x,
+                                           key)[0].x)(x)
+
+
+def _fit(method, fq, sampler, n=128, **ref):
+  return errors.calibrate(gaussian_eps, {}, fq, {}, sampler, _x(0, n), jax.random.key(1), method,
+                          schedule=SCHED, reference_config=errors.ReferenceConfig(**ref))
+
+
+def _rms(x, ref):
+  return float(jnp.sqrt(jnp.mean((x - ref) ** 2)))
+
+
+def test_tac_ner_recovers_the_output_gain():
+  sampler = samplers.ddim(SCHED, 10)
+  # Unmasked (threshold 0), eps^ = K q with K = 1 / gain makes K q = r exactly (the pull
+  # toward 1 is tiny next to the N-weighted relative term).
+  p0 = _fit("tac", gain_eps, sampler, tac_threshold=0.0)
+  np.testing.assert_allclose(1.0 - np.asarray(p0.K), np.broadcast_to(1 / GAIN, p0.K.shape), rtol=0.06)
+  x_new, key = _x(5, 256), jax.random.key(6)
+  x_fp = _run(gaussian_eps, sampler, x_new, key)
+  plain = _rms(_run(gain_eps, sampler, x_new, key), x_fp)
+  assert _rms(_run(gain_eps, sampler, x_new, key, p0), x_fp) < 0.05 * plain
+  # With its default mask (|q| above its mean) the small outputs stay uncorrected.
+  p = _fit("tac", gain_eps, sampler)
+  q = gain_eps({}, x_new, jnp.full((x_new.shape[0],), 500))
+  d_hat = errors.correction(errors.compensation.at_step(p, 4), q, 0 * q, 0 * q)
+  below = jnp.abs(q) <= jnp.mean(jnp.abs(q), axis=(1, 2), keepdims=True)
+  assert bool(jnp.all(jnp.where(below, d_hat, 0.0) == 0.0)) and bool(jnp.any(d_hat != 0.0))
+
+
+def test_tac_input_bias_correction_removes_the_mean_drift():
+  sampler = samplers.ddim(SCHED, 10)
+  p = _fit("tac", offset_eps, sampler)
+  np.testing.assert_allclose(np.asarray(p.x_shift[0]), 0.0, atol=1e-6)  # no gap at x_T
+  assert float(jnp.max(jnp.abs(p.x_shift[1:]))) > 1e-3
+  x_new, key = _x(5, 256), jax.random.key(6)
+  x_fp = _run(gaussian_eps, sampler, x_new, key)
+  mean_gap = lambda x: float(jnp.max(jnp.abs(jnp.mean(x - x_fp, axis=(0, 1, 2)))))
+  assert mean_gap(_run(offset_eps, sampler, x_new, key, p)) < 0.7 * mean_gap(
+      _run(offset_eps, sampler, x_new, key))
+
+
+def one_shot_noise_eps(v, x, t):
+  """Exact network, except white noise in the first steps' outputs: from then on the
+  quantized latent is exactly a noisier latent of the same data (StepbaQ's model)."""
+  z = jax.random.normal(jax.random.fold_in(NOISE_KEY, t[0]), x.shape)
+  return gaussian_eps(v, x, t) + jnp.where(t[0] >= 900, 0.5, 0.0) * z
+
+
+def test_stepbaq_treats_latent_noise_as_an_earlier_timestep():
+  sampler = samplers.ddim(SCHED, 20)
+  p = _fit("stepbaq", one_shot_noise_eps, sampler, n=256)
+  t, tau = np.asarray(sampler.coeffs.t), np.asarray(p.t_in)
+  shifted = tau > t
+  assert np.all(tau >= t) and shifted[1:4].all()   # stepped back right after the noise
+  np.testing.assert_allclose(np.asarray(p.in_scale)[~shifted], 1.0)
+  assert np.all(np.asarray(p.in_scale)[shifted] < 1.0)   # sqrt(abar_tau / abar_t)
+  # The noise inflates the final sample variance; denoising it as diffusion noise at the
+  # shifted timestep restores float's.
+  x_new, key = _x(5, 512), jax.random.key(6)
+  var = lambda params=None, fn=one_shot_noise_eps: float(jnp.var(_run(fn, sampler, x_new, key, params)))
+  var_fp, var_none, var_sb = var(fn=gaussian_eps), var(), var(p)
+  assert var_none > 1.1 * var_fp
+  assert abs(var_sb - var_fp) < 0.2 * abs(var_none - var_fp)
+
+
+def test_stepbaq_needs_the_schedule():
+  sampler = samplers.ddim(SCHED, 5)
+  try:
+    errors.calibrate(gaussian_eps, {}, gain_eps, {}, sampler, _x(0, 8), jax.random.key(1), "stepbaq")
+  except ValueError as e:
+    assert "schedule" in str(e)
+  else:
+    raise AssertionError("stepbaq without a schedule must raise")
+
+
+def test_ptqd_gain_and_channel_mean_as_official_code():
+  sampler = samplers.ddim(SCHED, 10)
+  fq = lambda v, x, t: 1.2 * gaussian_eps(v, x, t) + jnp.array([0.1, -0.2, 0.0])
+  p = _fit("ptqd", fq, sampler, n=256)
+  # err = 0.2 r + mu: k = 0.2, mu_c = mean err = 0.2 E[r] + mu_c ~ mu_c; eps <- (q - mu)/(1 + k).
+  # (At the last step, t = 0, r ~ 0 and the pooled slope is confounded by the offsets.)
+  np.testing.assert_allclose(np.asarray(p.K[:-1]), 0.2 / 1.2, atol=5e-3)
+  np.testing.assert_allclose(np.asarray(p.beta[:-1]), np.broadcast_to(
+      np.array([0.1, -0.2, 0.0]) / 1.2, p.beta[:-1].shape), atol=0.02)
+
+
+def test_paper_m1_uses_the_cached_previous_output():
+  sampler = samplers.ddim(SCHED, 10)
+  p = _fit("paper_m1", gain_eps, sampler)
+  c = sampler.coeffs
+  coef = np.concatenate([[0.0], np.asarray(c.a[1:] * c.b[:-1] / c.b[1:])])
+  np.testing.assert_allclose(np.asarray(p.K_prev), np.asarray(p.K) * coef[:, None], rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_allclose(np.asarray(p.K[0]), 1 - 1 / np.asarray(GAIN), rtol=1e-3)  # d = K q
+  x_new, key = _x(5, 256), jax.random.key(6)
+  x_fp = _run(gaussian_eps, sampler, x_new, key)
+  assert _rms(_run(gain_eps, sampler, x_new, key, p), x_fp) < 0.2 * _rms(
+      _run(gain_eps, sampler, x_new, key), x_fp)
+
+
+def _safe(fq, sampler, n=128):
+  return errors.calibrate_safe(gaussian_eps, {}, fq, {}, sampler, _x(0, n), jax.random.key(1),
+                               errors.SafeConfig(base="tcec"))
+
+
+def random_offset_eps(v, x, t):
+  """Error pure noise across samples: a pseudo-random offset per sample, channel and step
+  (a hash of the input), independent of everything the correction sees."""
+  z = jnp.sin(1e3 * jnp.sum(x, axis=(1, 2), keepdims=True) + t[0])
+  return gaussian_eps(v, x, t) + 0.3 * z
+
+
+def test_safe_fit_takes_no_correction_on_pure_noise():
+  sampler = samplers.ddim(SCHED, 10)
+  p, rep = _safe(random_offset_eps, sampler)
+  assert rep["fell_back"] or (rep["gain"] <= 0.25 and rep["offset"] <= 0.25)
+  assert len(rep["candidates"]) == 25 and rep["num_fit"] == 64 and rep["num_val"] == 64
+  if rep["fell_back"]:
+    assert float(jnp.max(jnp.abs(p.K))) == 0.0 and float(jnp.max(jnp.abs(p.beta))) == 0.0
+
+
+def test_safe_fit_takes_the_full_correction_on_an_affine_error():
+  sampler = samplers.ddim(SCHED, 10)
+  fq = lambda v, x, t: GAIN * gaussian_eps(v, x, t) + jnp.array([0.1, -0.1, 0.05])
+  p, rep = _safe(fq, sampler)
+  assert not rep["fell_back"] and rep["gain"] == 1.0 and rep["offset"] == 1.0
+  assert rep["val_psnr"] > rep["val_psnr_none"] + 10
+
+
+def test_scaled_params_zero_is_identity_and_one_is_unchanged():
+  sampler = samplers.ddim(SCHED, 6)
+  p = _fit("tac", offset_eps, sampler)
+  x, key = _x(3, 8), jax.random.key(4)
+  np.testing.assert_array_equal(_run(offset_eps, sampler, x, key, errors.scale_params(p, 0.0, 0.0)),
+                                _run(offset_eps, sampler, x, key))
+  jax.tree.map(np.testing.assert_array_equal, errors.scale_params(p, 1.0, 1.0), p)
