@@ -155,8 +155,10 @@ class Sweep:
     x_q, traj, _ = self.samplers[sampler_name][1].run(qm.apply_fn("fake"), qm.variables, params,
                                                        seed.x_eval, seed.key_eval)
     fp = seed.fp[sampler_name]
+    q = metrics.quality_ratios(x_q, fp["x"])
     out = {"psnr": float(jnp.mean(metrics.psnr(x_q, fp["x"]))),
            "ssim": float(jnp.mean(metrics.ssim(x_q, fp["x"]))), "x": x_q,
+           "std_ratio": float(q["std_ratio"]), "sharpness_ratio": float(q["sharpness_ratio"]),
            "error_rms_per_step": np.asarray(propagation.rms_per_step(
                samplers.step_outputs(traj, x_q) - fp["out"])).tolist()}
     self._memo[key] = (params, out)  # holding params keeps its id unique while memoised
@@ -320,14 +322,16 @@ def write_report(out: Dict[str, Any], outdir: str, sampler_map=None, grid_sample
                for n in snames]
       lines.append(f"| {s} | {m} | " + " | ".join(cells) + " |")
   lines.append("")
-  lines.append(f"### SSIM at {cfg['ref_sampler']}\n")
-  lines.append("| setting | " + " | ".join(methods) + " |")
-  lines.append("|---|" + "---|" * len(methods))
-  for s in settings:
-    cells = [_mean_std([r["ssim"] for r in g.get((s, m, cfg["ref_sampler"]), [])])
-             for m in methods]
-    lines.append(f"| {s} | " + " | ".join(cells) + " |")
-  lines.append("")
+  for field, title in (("ssim", "SSIM"), ("std_ratio", "pixel std / float's"),
+                       ("sharpness_ratio", "mean |Laplacian| / float's")):
+    lines.append(f"### {title} at {cfg['ref_sampler']}\n")
+    lines.append("| setting | " + " | ".join(methods) + " |")
+    lines.append("|---|" + "---|" * len(methods))
+    for s in settings:
+      cells = [_mean_std([r.get(field, np.nan) for r in g.get((s, m, cfg["ref_sampler"]), [])])
+               for m in methods]
+      lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines.append("")
 
   # PTQ options.
   ptq = [r for r in recs if r["sampler"] == cfg["ref_sampler"] and r["method"] in ("none", "tcec")]
@@ -455,11 +459,15 @@ def headline_table(out: Dict[str, Any]) -> str:
   g = _group(main, ("setting", "method"))
   fd = {(r["setting"], r["method"]): r["fd_vs_data"] for r in out["fd"]}
   floor = fd.get(("float", "-"))
-  lines = ["| setting | method | PSNR (dB) | SSIM | FD vs data |", "|---|---|---|---|---|"]
+  lines = ["| setting | method | PSNR (dB) | SSIM | std ratio | sharpness ratio | FD vs data |",
+           "|---|---|---|---|---|---|---|"]
   for (s, m), rs in g.items():
     f = fd.get((s, m))
     lines.append(f"| {s} | {m} | {_mean_std([r['psnr'] for r in rs])} | "
-                 f"{np.mean([r['ssim'] for r in rs]):.3f} | {'-' if f is None else f'{f:.1f}'} |")
+                 f"{np.mean([r['ssim'] for r in rs]):.3f} | "
+                 f"{np.mean([r.get('std_ratio', np.nan) for r in rs]):.3f} | "
+                 f"{np.mean([r.get('sharpness_ratio', np.nan) for r in rs]):.3f} | "
+                 f"{'-' if f is None else f'{f:.1f}'} |")
   if floor is not None:
-    lines.append(f"| float | - | - | - | {floor:.1f} |")
+    lines.append(f"| float | - | - | - | - | - | {floor:.1f} |")
   return "\n".join(lines) + "\n"

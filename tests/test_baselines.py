@@ -143,5 +143,13 @@ def test_shipped_classifier_features_separate_data_sets():
   other = frechet.frechet_distance(fx(a), fx(shapes))
   noisy = frechet.frechet_distance(fx(a), fx(b + 0.3 * np.random.RandomState(0).randn(*b.shape)))
   assert same < 0.2 * noisy and noisy < other
-  with pytest.raises(ValueError, match="shape"):
-    fx(np.zeros((2, 8, 8, 3)))
+  with pytest.raises(ValueError, match=r"\[B, H, W, 3 or 1\]"):
+    fx(np.zeros((2, 8, 8, 2)))
+  # Gray 28x28 digits (the second model's data) are resized and repeated over channels:
+  # two random halves are closer to each other than to noisy copies or to shapes.
+  g = data.digits(28, False)[np.random.RandomState(0).permutation(1797)]
+  g1, g2 = fx(g[:850]), g[850:1700]
+  assert g1.shape == (850, frechet.FEATURE_DIM)
+  same = frechet.frechet_distance(g1, fx(g2))
+  assert same < 0.5 * frechet.frechet_distance(g1, fx(g2 + np.random.RandomState(1).randn(*g2.shape)))
+  assert same < 0.1 * frechet.frechet_distance(g1, fx(data.shapes(850, 28, 0)))

@@ -1,28 +1,23 @@
-"""Timestep-aware cumulative error compensation (TCEC), DESIGN.md s.2-3.
+"""Compensation of quantization error in the sampler (DESIGN.md s.2-3, docs/METHOD.md s.3-4).
 
-Calibration is one jitted `lax.scan` whose carry is (float state, compensated state).
-At scan position i, with eps = eps(x_fp), eps_q = eps_q(x_c) and e_i = x_c - x_fp,
+One family of per-step parameters (`CorrectionParams`) covers every method: a state shift
+before the network call, a latent scale and timestep for the call, and a correction of
+its output,
 
-    D_i = (eps_q - eps) + (a_i / b_i) e_i          (cumulative target, `tcec`)
-
-is the noise-prediction correction that puts x_c back on the float trajectory:
-a_i x_c + b_i (eps_q - D_i) = a_i x_fp + b_i eps. It is fitted per channel by closed-form
-least squares, D_i ~ K_i eps_q + beta_i, from sufficient statistics (sums, so they can be
-reduced across devices), applied, and both trajectories advance.
-
-Online, a compensator wraps any affine sampler step:
-
-    d_hat = K_i eps_q + beta_i
-    x     = a_i x + b_i (eps_q - d_hat) (+ sigma_i z_i)
+    d_hat = K_i eps_q + beta_i (+ G_i e_hat) (+ K_prev_i eps_q_prev)   [optionally masked]
+    x     = a_i (x - x_shift_i) + b_i (eps_q - d_hat) (+ sigma_i' z_i)
     e_hat = phi_i e_hat + b_i d_hat         # ErrorState: error plain PTQ would accumulate
 
-Variants (one code path): `none` (identity); `ptqd` (PTQD-style: same-input target, one
-scale per tensor, no intercept, fitted on uncompensated trajectories; the residual's
-variance is absorbed into the sampler noise of stochastic samplers); `per_step`
-(same-input target, per channel with intercept, uncompensated trajectories); `tcec`
-(cumulative target, per channel with intercept, sequential); `tcec_ehat` (`tcec` plus the
-carried error estimate e_hat as a regressor, D ~ K eps_q + G e_hat + beta, a 3x3 solve
-per channel and step).
+Calibration is one jitted `lax.scan` (`calibration_scan`) whose carry is (float state,
+compensated state, e_hat, cached eps_q, a method's own array); each method contributes a
+per-step fit. Here: the least-squares family (`FitConfig`: `per_step`, `tcec`, `tcec_vp`,
+`tcec_ehat`), whose cumulative target at scan position i, with e_i = x_c - x_fp, is
+
+    D_i = (eps_q - eps) + (a_i / b_i) e_i
+
+(the correction that puts x_c back on the float trajectory), fitted per channel as
+D_i ~ K_i eps_q + beta_i from sufficient statistics. The field's methods are in
+`reference.py`, calibration by name and the safe default in `methods.py`.
 """
 
 from __future__ import annotations
