@@ -1,4 +1,4 @@
-"""The main job: W8A8 / W4A8 / W4A4 PTQ of the embedded default model, + TCEC and baselines."""
+"""The main job: W8A8 / W4A8 / W4A4 PTQ of the embedded default model + every compensation method."""
 
 import ml_collections
 
@@ -14,7 +14,7 @@ def get_config():
   c.num_calib = 64                  # calibration seeds (PTQ ranges and TCEC fits)
   c.num_eval = 128                  # held-out evaluation seeds (also the FD sample sets)
   c.settings = "W8A8,W4A8,W4A4"
-  c.observers = "minmax,mse"        # PTQ observers (weights and activations)
+  c.observers = "minmax"            # PTQ observers (weights and activations): minmax, mse, ...
   c.variants = "none,ptqd,tac,stepbaq,paper_m1,per_step,tcec,tcec_safe"  # compensation methods
   c.default_method = "tcec_safe"    # shown in grids and timed
   c.frechet = True                  # FD vs float and vs data (shipped classifier features)

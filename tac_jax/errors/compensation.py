@@ -351,10 +351,10 @@ def check_params_finite(params: CorrectionParams, where: str = "calibration") ->
 def resample_params(params: CorrectionParams, sampler: Sampler) -> CorrectionParams:
   """Params fitted for one step count, linearly interpolated in t to `sampler`'s timesteps
   (calibrate once, sample with another step count); phi is reset to the new a_k."""
-  if params.t_in is not None or params.mask_threshold is not None:
-    raise ValueError("resample_params supports the least-squares methods (per_step, tcec*, "
-                     "ptqd, paper_m1 without re-deriving K_prev); calibrate this method for "
-                     "the new sampler instead.")
+  if params.t_in is not None or params.mask_threshold is not None or params.K_prev is not None:
+    raise ValueError("resample_params supports per_step, tcec* and ptqd; the shifted timesteps "
+                     "(stepbaq), masks (tac) and step-coefficient terms (paper_m1) do not "
+                     "interpolate: calibrate this method for the new sampler instead.")
   src = to_host(params.timesteps).astype(np.float64)
   dst = np.asarray(sampler.coeffs.t, np.float64)
   order = np.argsort(src)
@@ -371,8 +371,7 @@ def resample_params(params: CorrectionParams, sampler: Sampler) -> CorrectionPar
   return CorrectionParams(K=interp(params.K), beta=interp(params.beta),
                           phi=default_phi(sampler.coeffs, C), timesteps=sampler.coeffs.t,
                           G=interp(params.G), noise_var=interp(params.noise_var),
-                          x_shift=interp(params.x_shift), in_scale=interp(params.in_scale),
-                          K_prev=interp(params.K_prev))
+                          x_shift=interp(params.x_shift))
 
 
 # ----------------------------------------------------------------------------- online use
