@@ -216,9 +216,8 @@ def fit_methods(ctx: _Context, tag: str, fq, var_q, phi) -> Dict[str, Any]:
       report = {k: val for k, val in report.items() if k != "candidates"}
     elif v == "none":
       p = errors.zero_params(c.num_steps, C, c.t, phi)
-    else:
-      fit = errors.get_fit_config(v) if v in errors.VARIANTS else v
-      p = ctx.jitted.calibrate(fq, fit, var_fp, var_q, ctx.x_cal, ctx.key_cal, phi)
+    else:  # errors.calibrate resolves the name (a FitConfig preset or a reference method)
+      p = ctx.jitted.calibrate(fq, v, var_fp, var_q, ctx.x_cal, ctx.key_cal, phi)
     p = errors.compensation.check_params_finite(jax.block_until_ready(p), f"{tag}/{v} calibration")
     fitted[v] = (p, time.perf_counter() - t0, report)
   return fitted
@@ -322,12 +321,10 @@ def save_figures(ctx: _Context, entries: List[Dict[str, Any]], outdir: str) -> N
 
 def frechet_reference(config, meta, x_fp, shape) -> Optional[Dict[str, Any]]:
   """Feature extractor plus the float samples' and real data's features (None if off)."""
-  if not config.get("frechet", True):
+  name = meta.get("data", {}).get("name")
+  if not config.get("frechet", True) or name is None:
     return None
   fx = frechet.FeatureExtractor()
-  name = meta.get("data", {}).get("name")
-  if name is None:
-    return None
   real = data.load(name, size=shape[0], seed=config.get("fd_data_seed", 1000))[:x_fp.shape[0]]
   return {"extractor": fx, "float": fx(np.clip(parallel.to_host(x_fp), -1, 1)), "data": fx(real)}
 
