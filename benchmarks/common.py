@@ -4,11 +4,10 @@ from typing import Any, NamedTuple
 
 import jax
 
-from tac_jax import checkpoint as ckpt_lib
-from tac_jax import errors, pipeline, quant
+from tac_jax.models import checkpoint as ckpt_lib
+from tac_jax import errors, quant, stages
+from tac_jax.quant import presets
 from tac_jax.diffusion import make_schedule, samplers
-
-KEEP_8BIT = r"^(conv_in|conv_out|time_embedding/.*)$"
 
 
 class Setup(NamedTuple):
@@ -32,9 +31,9 @@ def quantized_default_model(setting: str, steps: int, batch: int) -> Setup:
   var_fp = {"params": params}
   _, traj = samplers.sample(module.apply, var_fp, sampler, x, key, return_trajectory=True)
   calib = samplers.calibration_batches(traj, sampler.coeffs)
-  w, a = pipeline.SETTINGS[setting]
+  w, a = stages.SETTINGS[setting]
   qm = quant.quantize_model(module, params, calib,
-                            quant.QuantConfig(w_bits=w, a_bits=a, keep_8bit=KEEP_8BIT))
+                            presets.quant_config(presets.quant_defaults(), w, a, "minmax"))
   tcec = jax.jit(lambda v, x: errors.calibrate(module.apply, var_fp, qm.apply_fn("fake"), v,
                                                sampler, x, key))(qm.variables, x)
   return Setup(module, params, sampler, qm, tcec, x, key)

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from tac_jax.quant import presets
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -15,7 +17,7 @@ def get_config():
   c.num_eval = 128                  # held-out evaluation seeds (also the FD sample sets)
   c.settings = "W8A8,W4A8,W4A4"
   c.observers = "minmax"            # PTQ observers (weights and activations): minmax, mse, ...
-  c.variants = "none,ptqd,tac,stepbaq,paper_m1,per_step,tcec,tcec_safe"  # compensation methods
+  c.methods = "none,ptqd,tac,stepbaq,paper_m1,per_step,tcec,tcec_safe"  # compensation methods
   c.default_method = "tcec_safe"    # shown in grids and timed
   c.frechet = True                  # FD vs float and vs data (shipped classifier features)
   c.fd_data_seed = 1000             # colors of the real-data reference set
@@ -23,11 +25,5 @@ def get_config():
   c.int_path = True                 # also evaluate the int8 x int8 -> int32 path
   c.timing_repeats = 4              # overhead timing (first observer); 0 disables it
   c.data_parallel = True            # split the seeds over all devices when there are several
-  c.quant = ml_collections.ConfigDict(dict(
-      w_per_channel=True,
-      a_symmetric=False,
-      time_groups=1,
-      # First / last / time-embedding layers stay at W8A8 (as in Q-Diffusion, PTQD).
-      keep_8bit=r"^(conv_in|conv_out|time_embedding/.*)$",
-      exclude=r"^$"))
+  c.quant = presets.quant_defaults()   # tac_jax/quant/presets.py: shared with the sweep
   return c

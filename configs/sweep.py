@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from tac_jax.quant import presets
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -20,7 +22,5 @@ def get_config():
   c.fd_data_seed = 1000                   # colors of the real-data reference set
   c.ablation_settings = "W4A8,W4A4"
   c.calib_sizes = "8,32,256"
-  c.quant = ml_collections.ConfigDict(dict(
-      w_per_channel=True, a_symmetric=False, time_groups=1,
-      keep_8bit=r"^(conv_in|conv_out|time_embedding/.*)$", exclude=r"^$"))
+  c.quant = presets.quant_defaults()   # tac_jax/quant/presets.py: shared with the sweep
   return c

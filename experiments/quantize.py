@@ -3,6 +3,7 @@
   python experiments/quantize.py --outdir=runs/main
   python experiments/quantize.py --config.settings=W4A4 --config.observers=mse --outdir=runs/w4a4
   python experiments/quantize.py --config.checkpoint=path/to/model_dir
+  python experiments/quantize.py --outdir=runs/main --overwrite   # replace an earlier run
   python experiments/quantize.py --distributed ...     # multi-host (see README, "Scale out")
 """
 
@@ -16,4 +17,5 @@ _OUTDIR = flags.DEFINE_string("outdir", "runs/main", "Results, grids and plots g
 
 
 if __name__ == "__main__":
-  app.run(launch.job(lambda: pipeline.run(_CONFIG.value, _OUTDIR.value)))
+  app.run(launch.job(lambda: pipeline.run(_CONFIG.value, _OUTDIR.value,
+                                          overwrite=launch.OVERWRITE.value)))

@@ -15,4 +15,5 @@ _OUTDIR = flags.DEFINE_string("outdir", "runs/sweep", "Report, JSON and figures 
 
 
 if __name__ == "__main__":
-  app.run(launch.job(lambda: sweep.Sweep(_CONFIG.value, _OUTDIR.value).run()))
+  app.run(launch.job(lambda: sweep.run(_CONFIG.value, _OUTDIR.value,
+                                       overwrite=launch.OVERWRITE.value)))

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 def to_host(x) -> np.ndarray:
@@ -10,6 +11,5 @@ def to_host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     if x.is_fully_replicated:
       return np.asarray(x.addressable_data(0))
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)

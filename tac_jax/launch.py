@@ -1,4 +1,4 @@
-"""absl flags shared by the experiment launchers: multi-host start-up.
+"""absl flags shared by the experiment launchers: --overwrite and multi-host start-up.
 
     # Cloud TPU pod slice: the same command on every host (JAX finds the coordinator)
     python experiments/quantize.py --distributed --outdir=gs://.../run
@@ -22,6 +22,10 @@ _COORDINATOR = flags.DEFINE_string(
     "host:port of process 0. Leave empty on Cloud TPU, SLURM and Open MPI (auto-detected).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1.")
+OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False,
+    "Replace an --outdir that already holds results (as a whole, once the new run is "
+    "complete). Without it such an --outdir is refused before any work starts.")
 _LOCAL_DEVICES = flags.DEFINE_list(
     "local_device_ids", None, "Device ids this process uses (e.g. one GPU per process: 0).")
 

@@ -1,8 +1,9 @@
 """The evaluation sweep: settings x methods x samplers x seeds, PTQ options, ablations,
 Frechet distance and error analysis, written as a markdown report with plots and grids.
 
-Everything for one seed shares its calibration and evaluation noise (drawn as in the
-main job), and every quantized run is compared with the float model on the same noise.
+A loop over the shared `stages` (the same functions as the main job). Everything for one
+seed shares its calibration and evaluation noise (drawn as in the main job), and every
+quantized run is compared with the float model on the same noise.
 
 * main grid: W8A8 / W4A8 / W4A4 x `methods` x `samplers` (e.g. DDIM 10/25/50, DDPM 50)
   x seeds, PSNR / SSIM against float (mean +- std over seeds of the per-seed means);
@@ -15,6 +16,9 @@ main job), and every quantized run is compared with the float model on the same 
   calibration size, calibrating at another step count);
 * error analysis: per-step cumulative error measured vs the closed form, and their
   correlation, per setting.
+
+Calibrations here use the default propagation gains (phi = a_k) and the default
+SafeConfig, as the sweep always has; the main job fits phi per setting.
 """
 
 from __future__ import annotations
@@ -22,19 +26,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, NamedTuple, Tuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tac_jax import data, errors, metrics, quant, viz
+from tac_jax import errors, files, quant, report, stages, viz
 from tac_jax.diffusion import samplers
-from tac_jax.errors import propagation
-from tac_jax.metrics import frechet
-from tac_jax.pipeline import (SETTINGS, Jitted, Progress, load, parse_list, quant_config,
-                              seed_noise)
+from tac_jax.pipeline import parse_list
+from tac_jax.quant import presets
+from tac_jax.stages import SETTINGS, Compiled, FloatReference, FrechetReference, Memo, Progress
 
 # Ablations: name -> FitConfig (or a calibration-size / step-count change of `tcec`).
 ABLATIONS = {
@@ -64,410 +66,248 @@ def ptq_option(name: str):
   return obs, int(tg) if tg else 1
 
 
-class _Seed:
-  """Noise of one seed and the float model's results on it, per sampler."""
-
-  def __init__(self, sw: "Sweep", seed: int):
-    self.value = seed
-    self.x_cal, self.key_cal, self.x_eval, self.key_eval = seed_noise(
-        seed, sw.cfg.num_calib, sw.cfg.num_eval, sw.shape)
-    self.fp = {}
-    for name, (sampler, jitted) in sw.samplers.items():
-      x_fp, traj, _ = jitted.run(sw.fp, sw.var_fp, sw.none[name], self.x_eval, self.key_eval)
-      _, traj_cal, _ = jitted.run(sw.fp, sw.var_fp, sw.none[name], self.x_cal, self.key_cal)
-      self.fp[name] = {"x": x_fp, "out": samplers.step_outputs(traj, x_fp),
-                       "traj_cal": traj_cal}
-
-
-class Sweep:
-  def __init__(self, cfg: ml_collections.ConfigDict, outdir: str, verbose: bool = True):
-    self.cfg, self.outdir, self.log = cfg, outdir, Progress(verbose)
-    self.settings = parse_list(cfg.settings, SETTINGS, "setting")
-    self.methods = list(dict.fromkeys(parse_list(cfg.methods, errors.METHODS, "method")))
-    if "none" not in self.methods:
-      self.methods = ["none"] + self.methods
-    self.sampler_names = parse_list(cfg.samplers, None, "sampler")
-    if cfg.ref_sampler not in self.sampler_names:
-      raise ValueError(f"ref_sampler {cfg.ref_sampler!r} must be one of samplers "
-                       f"{self.sampler_names}.")
-    self.seeds = [int(s) for s in parse_list(str(cfg.seeds), None, "seed")]
-    self.ptq_options = parse_list(cfg.ptq_options, None, "PTQ option")
-    for p in self.ptq_options:
-      ptq_option(p)
-    self.ablation_settings = parse_list(cfg.ablation_settings, SETTINGS, "setting")
-    m = load(cfg)
-    self.module, self.params, self.schedule = m["module"], m["params"], m["schedule"]
-    mc = self.module.config
-    self.shape = (mc.sample_size, mc.sample_size, mc.in_channels)
-    self.fp, self.var_fp = self.module.apply, {"params": self.params}
-    self.samplers, self.none = {}, {}
-    for name in self.sampler_names:
-      kind, steps = parse_sampler(name)
-      s = samplers.make_sampler(kind, self.schedule, steps)
-      self.samplers[name] = (s, Jitted(self.fp, s, self.schedule))
-      self.none[name] = errors.zero_params(steps, mc.out_channels, s.coeffs.t)
-    self.records: List[Dict[str, Any]] = []
-    self.extra: Dict[str, Any] = {"fd": [], "ablations": [], "analysis": []}
-    # Fitted params and evaluations of the current quantized model, so the FD and ablation
-    # stages re-use what the main grid already computed (cleared by `quantize`).
-    self._memo: Dict[Any, Any] = {}
-
-  # --------------------------------------------------------------------------- pieces
-
-  def quantize(self, seed: _Seed, setting: str, option: str):
-    obs, groups = ptq_option(option)
-    w, a = SETTINGS[setting]
-    qc = quant_config(self.cfg, w, a, obs)
-    qc = dataclasses.replace(qc, time_groups=groups)
-    ref = self.cfg.ref_sampler
-    calib = samplers.calibration_batches(seed.fp[ref]["traj_cal"], self.samplers[ref][0].coeffs)
-    self._memo.clear()
-    return quant.quantize_model(self.module, self.params, calib, qc, self.schedule.num_timesteps)
-
-  def fit(self, qm, seed: _Seed, sampler_name: str, method, x_cal=None):
-    """Fitted params for `method` (a variant name or a FitConfig), on `x_cal` (default: the
-    seed's calibration noise)."""
-    fit = (errors.get_fit_config(method) if method in errors.VARIANTS else method) \
-        if isinstance(method, str) else method
-    if fit is None:
-      return self.none[sampler_name]
-    key = ("fit", sampler_name, fit)
-    if x_cal is None and key in self._memo:  # only fits on the seed's own noise are memoised
-      return self._memo[key]
-    x = seed.x_cal if x_cal is None else x_cal
-    if fit == errors.SAFE_METHOD:
-      p, _ = errors.calibrate_safe(self.fp, self.var_fp, qm.apply_fn("fake"), qm.variables,
-                                   self.samplers[sampler_name][0], x, seed.key_cal,
-                                   schedule=self.schedule)
-    else:
-      p = self.samplers[sampler_name][1].calibrate(qm.apply_fn("fake"), fit, self.var_fp,
-                                                   qm.variables, x, seed.key_cal, None)
-    p = errors.compensation.check_params_finite(p, f"{sampler_name} calibration")
-    if x_cal is None:
-      self._memo[key] = p
-    return p
-
-  def evaluate(self, qm, seed: _Seed, sampler_name: str, params) -> Dict[str, Any]:
-    """PSNR / SSIM / per-step error RMS against float on the seed's evaluation noise."""
-    key = ("eval", sampler_name, id(params))
-    if key in self._memo:
-      return self._memo[key][1]
-    x_q, traj, _ = self.samplers[sampler_name][1].run(qm.apply_fn("fake"), qm.variables, params,
-                                                       seed.x_eval, seed.key_eval)
-    fp = seed.fp[sampler_name]
-    q = metrics.quality_ratios(x_q, fp["x"])
-    out = {"psnr": float(jnp.mean(metrics.psnr(x_q, fp["x"]))),
-           "ssim": float(jnp.mean(metrics.ssim(x_q, fp["x"]))), "x": x_q,
-           "std_ratio": float(q["std_ratio"]), "sharpness_ratio": float(q["sharpness_ratio"]),
-           "error_rms_per_step": np.asarray(propagation.rms_per_step(
-               samplers.step_outputs(traj, x_q) - fp["out"])).tolist()}
-    self._memo[key] = (params, out)  # holding params keeps its id unique while memoised
-    return out
-
-  def record(self, **kw):
-    kw.pop("x", None)
-    self.records.append(kw)
-
-  # --------------------------------------------------------------------------- stages
-
-  def run(self) -> Dict[str, Any]:
-    os.makedirs(self.outdir, exist_ok=True)
-    cfg = self.cfg
-    fx = frechet.FeatureExtractor() if cfg.num_fd > 0 else None
-    self.grid_samples: Dict[str, Dict[str, np.ndarray]] = {}
-    for si, seed_value in enumerate(self.seeds):
-      seed = _Seed(self, seed_value)
-      self.log(f"seed {seed_value}: float samples for {', '.join(self.sampler_names)}")
-      for setting in self.settings:
-        for option in self.ptq_options:
-          qm = self.quantize(seed, setting, option)
-          main = option == self.ptq_options[0]
-          names = self.sampler_names if main else [cfg.ref_sampler]
-          methods = self.methods if main else ["none", "tcec"]
-          for sname in names:
-            for method in methods:
-              params = self.fit(qm, seed, sname, method)
-              ev = self.evaluate(qm, seed, sname, params)
-              if main and sname == cfg.ref_sampler and si == 0:
-                self.grid_samples.setdefault(setting, {"float": seed.fp[sname]["x"]})[method] = ev["x"]
-              self.record(kind="main" if main else "ptq", seed=seed_value, setting=setting,
-                          ptq=option, sampler=sname, method=method, **ev)
-          line = ", ".join(f"{r['method']} {r['psnr']:.2f}" for r in self.records
-                           if r["seed"] == seed_value and r["setting"] == setting
-                           and r["ptq"] == option and r["sampler"] == cfg.ref_sampler)
-          self.log(f"seed {seed_value} {setting} {option}: PSNR at {cfg.ref_sampler}: {line}")
-          if main:
-            if si == 0:
-              self.analysis(qm, seed, setting)
-              if fx is not None:
-                self.frechet(qm, seed, setting, fx)
-            if setting in self.ablation_settings:
-              self.ablations(qm, seed, setting)
-      self.save(report=True)  # a complete report after every seed
-    return self.save(report=True)
-
-  def analysis(self, qm, seed: _Seed, setting: str):
-    s, jitted = self.samplers[self.cfg.ref_sampler]
-    fq = qm.apply_fn("fake")
-    trace_cal = jitted.joint(fq, self.var_fp, qm.variables, seed.x_cal, seed.key_cal)
-    phi = propagation.fit_channel_gains(trace_cal, s.coeffs.a, s.coeffs.b)
-    trace = jitted.joint(fq, self.var_fp, qm.variables, seed.x_eval, seed.key_eval)
-    rep = propagation.propagation_report(trace, s.coeffs.a, s.coeffs.b, phi)
-    m, p = rep["measured_rms"], rep["closed_form_rms"]
-    self.extra["analysis"].append({
-        "setting": setting, "sampler": self.cfg.ref_sampler,
-        "measured_rms": m.tolist(), "closed_form_rms": p.tolist(),
-        "per_step_corr": rep["closed_form_corr"].tolist(),
-        "rms_curve_corr": float(np.corrcoef(m, p)[0, 1]),
-        "final_rel_err": float(rep["closed_form_rel_err"][-1])})
-    self.log(f"{setting}: closed form vs measured, per-step corr "
-             f"{np.mean(rep['closed_form_corr'][1:]):.3f}")
-
-  def frechet(self, qm, seed: _Seed, setting: str, fx):
-    cfg, sname = self.cfg, self.cfg.ref_sampler
-    _, jitted = self.samplers[sname]
-    key = jax.random.key(10_000 + self.seeds[0])
-    x = jax.random.normal(key, (cfg.num_fd,) + self.shape)
-    if not hasattr(self, "_fd_ref"):
-      x_fp, _, _ = jitted.run(self.fp, self.var_fp, self.none[sname], x, key)
-      real = data.load(self.cfg.fd_data, size=self.shape[0], seed=cfg.fd_data_seed)[:cfg.num_fd]
-      self._fd_ref = {"float": fx(x_fp), "data": fx(real)}
-      floor = frechet.frechet_distance(self._fd_ref["float"], self._fd_ref["data"])
-      self.extra["fd"].append({"setting": "float", "method": "-", "fd_vs_float": 0.0,
-                               "fd_vs_data": floor, "n": int(cfg.num_fd)})
-      self.log(f"Frechet distance, float model vs data ({cfg.num_fd} samples): {floor:.3f}")
-    for method in parse_list(cfg.fd_methods, self.methods, "FD method"):
-      params = self.fit(qm, seed, sname, method)
-      x_q, _, _ = jitted.run(qm.apply_fn("fake"), qm.variables, params, x, key)
-      f = fx(np.clip(np.asarray(x_q), -1, 1))
-      self.extra["fd"].append({
-          "setting": setting, "method": method, "n": int(cfg.num_fd),
-          "fd_vs_float": frechet.frechet_distance(f, self._fd_ref["float"]),
-          "fd_vs_data": frechet.frechet_distance(f, self._fd_ref["data"])})
-    self.log(f"{setting}: Frechet distance done")
-
-  def ablations(self, qm, seed: _Seed, setting: str):
-    ref = self.cfg.ref_sampler
-    rows = []
-    for name, fit in ABLATIONS.items():
-      rows.append((name, self.evaluate(qm, seed, ref, self.fit(qm, seed, ref, fit))))
-    for n in (int(v) for v in parse_list(str(self.cfg.calib_sizes), None, "size")):
-      x_cal = jax.random.normal(jax.random.fold_in(seed.key_cal, 7), (n,) + self.shape)
-      rows.append((f"calibration samples = {n}",
-                   self.evaluate(qm, seed, ref, self.fit(qm, seed, ref, "tcec", x_cal=x_cal))))
-    for other in self.sampler_names:
-      if other != ref and other.startswith(ref[:4]):
-        p = errors.resample_params(self.fit(qm, seed, other, "tcec"), self.samplers[ref][0])
-        rows.append((f"calibrated at {other}, sampled at {ref}", self.evaluate(qm, seed, ref, p)))
-    for name, ev in rows:
-      self.extra["ablations"].append({"seed": seed.value, "setting": setting, "ablation": name,
-                                      "psnr": ev["psnr"], "ssim": ev["ssim"]})
-    self.log(f"seed {seed.value} {setting}: {len(rows)} ablations")
-
-  # --------------------------------------------------------------------------- output
-
-  def save(self, report: bool = False) -> Dict[str, Any]:
-    out = {"config": self.cfg.to_dict(), "records": self.records, **self.extra,
-           "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
-    with open(os.path.join(self.outdir, "sweep.json"), "w") as f:
-      json.dump(out, f, indent=1)
-    if report:
-      report = write_report(out, self.outdir, self.samplers, self.grid_samples)
-      self.log(f"wrote {self.outdir}/sweep.json, report.md and figures")
-      out["report"] = report
-    return out
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+  """A validated sweep config."""
+  settings: Tuple[str, ...]
+  methods: Tuple[str, ...]
+  samplers: Tuple[str, ...]
+  ref: str
+  seeds: Tuple[int, ...]
+  ptq_options: Tuple[str, ...]
+  ablation_settings: Tuple[str, ...]
+  fd_methods: Tuple[str, ...]
+  calib_sizes: Tuple[int, ...]
 
 
-# ----------------------------------------------------------------------------- report
+def validate(cfg: ml_collections.ConfigDict) -> SweepSpec:
+  """Checks every field before anything runs or is written."""
+  methods = parse_list(cfg.methods, errors.METHODS, "method")
+  methods = ["none"] + [m for m in methods if m != "none"]
+  names = parse_list(cfg.samplers, None, "sampler")
+  for n in names:
+    parse_sampler(n)
+  if cfg.ref_sampler not in names:
+    raise ValueError(f"ref_sampler {cfg.ref_sampler!r} must be one of samplers {names}.")
+  options = parse_list(cfg.ptq_options, None, "PTQ option")
+  for p in options:
+    ptq_option(p)
+  fd_methods = parse_list(cfg.fd_methods, methods, "FD method") if cfg.num_fd > 0 else []
+  if cfg.num_calib < 1 or cfg.num_eval < 1:
+    raise ValueError("num_calib and num_eval must be >= 1.")
+  presets.quant_config(cfg.quant, 8, 8, ptq_option(options[0])[0])
+  files.load_meta(cfg.checkpoint or stages.ckpt_lib.default_model_dir())
+  return SweepSpec(
+      settings=tuple(parse_list(cfg.settings, SETTINGS, "setting")), methods=tuple(methods),
+      samplers=tuple(names), ref=cfg.ref_sampler,
+      seeds=tuple(int(s) for s in parse_list(str(cfg.seeds), None, "seed")),
+      ptq_options=tuple(options),
+      ablation_settings=tuple(parse_list(cfg.ablation_settings, SETTINGS, "setting")),
+      fd_methods=tuple(fd_methods),
+      calib_sizes=tuple(int(v) for v in parse_list(str(cfg.calib_sizes), None, "size")))
 
-def _mean_std(values) -> str:
-  v = np.asarray(values, np.float64)
-  return f"{v.mean():.2f} ± {v.std():.2f}"
+
+class _Setup(NamedTuple):
+  cfg: Any
+  spec: SweepSpec
+  log: Progress
+  model: stages.Model
+  compiled: Dict[str, Compiled]     # sampler name -> its jitted runs
+  memo: Memo                        # fits and evaluations of the current seed
+  fd: Any                           # (x, key, float reference, FrechetReference) or None
 
 
-def _group(records, keys):
-  groups: Dict[Any, List[Dict[str, Any]]] = {}
-  for r in records:
-    groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-  return groups
+def _method_key(method):
+  """One memo key per fit: a variant name and its FitConfig are the same fit."""
+  return errors.get_fit_config(method) if isinstance(method, str) and method in errors.VARIANTS \
+      else method
 
 
-def write_report(out: Dict[str, Any], outdir: str, sampler_map=None, grid_samples=None) -> str:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+def _fit(s: _Setup, qm, noise, sname: str, method, where: Tuple, x_cal=None):
+  """Fitted params (memoised by value: seed/setting/option, sampler, method, x_cal size)."""
+  m = _method_key(method)
+  size = None if x_cal is None else int(x_cal.shape[0])
+  x = noise.x_cal if x_cal is None else x_cal
 
-  cfg = out["config"]
-  recs = out["records"]
-  main = [r for r in recs if r["kind"] == "main"]
-  seeds = sorted({r["seed"] for r in recs})
-  settings = list(dict.fromkeys(r["setting"] for r in main))
-  methods = list(dict.fromkeys(r["method"] for r in main))
-  snames = list(dict.fromkeys(r["sampler"] for r in main))
-  lines = ["# Sweep report\n",
-           f"`python experiments/sweep.py --outdir={outdir}` on the embedded default model; "
-           f"seeds {seeds}; {cfg['num_calib']} calibration and {cfg['num_eval']} evaluation "
-           f"samples per seed; PSNR / SSIM of final samples against the float model's samples "
-           f"from the same noise, fake-quant path; mean ± std over seeds of each seed's mean. "
-           f"Device: {out['device']}.\n"]
+  def compute():
+    name = "none" if m is None else m
+    return stages.fit_method(name, s.model, s.compiled[sname], qm, x, noise.key_cal).params
 
-  # Main table: rows setting x method, columns samplers.
-  g = _group(main, ("setting", "method", "sampler"))
-  lines.append("## PSNR (dB) by setting, method and sampler\n")
-  lines.append("| setting | method | " + " | ".join(snames) + " |")
-  lines.append("|---|---|" + "---|" * len(snames))
-  for s in settings:
-    for m in methods:
-      cells = [_mean_std([r["psnr"] for r in g.get((s, m, n), [])]) if g.get((s, m, n)) else "-"
-               for n in snames]
-      lines.append(f"| {s} | {m} | " + " | ".join(cells) + " |")
-  lines.append("")
-  for field, title in (("ssim", "SSIM"), ("std_ratio", "pixel std / float's"),
-                       ("sharpness_ratio", "mean |Laplacian| / float's")):
-    lines.append(f"### {title} at {cfg['ref_sampler']}\n")
-    lines.append("| setting | " + " | ".join(methods) + " |")
-    lines.append("|---|" + "---|" * len(methods))
-    for s in settings:
-      cells = [_mean_std([r.get(field, np.nan) for r in g.get((s, m, cfg["ref_sampler"]), [])])
-               for m in methods]
-      lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    lines.append("")
+  return s.memo(("fit",) + where + (sname, m, size), compute)
 
-  # PTQ options.
-  ptq = [r for r in recs if r["sampler"] == cfg["ref_sampler"] and r["method"] in ("none", "tcec")]
-  gp = _group(ptq, ("setting", "ptq", "method"))
-  options = list(dict.fromkeys(r["ptq"] for r in ptq))
-  lines.append(f"## PTQ options, with and without TCEC ({cfg['ref_sampler']}, PSNR dB)\n")
-  lines.append("PTQ ranges come from the float sampler's trajectories at all timesteps "
-               "(uniform over timesteps, as Q-Diffusion); `_tg4` keeps 4 timestep groups of "
-               "activation ranges; `mse` searches the clipping range that minimises MSE.\n")
-  lines.append("| setting | PTQ | none | tcec | gain |")
-  lines.append("|---|---|---|---|---|")
-  for s in settings:
-    for o in options:
-      a, b = gp.get((s, o, "none")), gp.get((s, o, "tcec"))
-      if a and b:
-        gain = np.mean([r["psnr"] for r in b]) - np.mean([r["psnr"] for r in a])
-        lines.append(f"| {s} | {o} | {_mean_std([r['psnr'] for r in a])} | "
-                     f"{_mean_std([r['psnr'] for r in b])} | {gain:+.2f} |")
-  lines.append("")
 
-  # Frechet distance.
-  if out["fd"]:
-    n = out["fd"][0]["n"]
-    lines.append(f"## Frechet distance ({n} samples, {cfg['ref_sampler']}, seed {seeds[0]})\n")
-    lines.append("In the 64-d feature space of the small digit classifier shipped in "
-                 "`tac_jax/assets/classifier` (an FID-style distance for this data set, "
-                 "not Inception FID). `vs float`: against the float model's samples from the "
-                 "same noise; `vs data`: against real colored digits; the float row is the floor.\n")
-    lines.append("| setting | method | FD vs float | FD vs data |")
-    lines.append("|---|---|---|---|")
-    for r in out["fd"]:
-      lines.append(f"| {r['setting']} | {r['method']} | {r['fd_vs_float']:.3f} | {r['fd_vs_data']:.3f} |")
-    lines.append("")
+def _evaluate(s: _Setup, qm, noise, ref: FloatReference, sname: str, params, key) -> Dict[str, Any]:
+  return s.memo(("eval",) + key, lambda: stages.evaluate(
+      s.compiled[sname], qm, params, noise.x_eval, noise.key_eval, ref))
 
-  # Ablations.
-  if out["ablations"]:
-    ga = _group(out["ablations"], ("setting", "ablation"))
-    abl_settings = list(dict.fromkeys(r["setting"] for r in out["ablations"]))
-    names = list(dict.fromkeys(r["ablation"] for r in out["ablations"]))
-    lines.append(f"## Ablations of TCEC ({cfg['ref_sampler']}, PSNR dB, mean ± std over seeds)\n")
-    lines.append("| ablation | " + " | ".join(abl_settings) + " |")
-    lines.append("|---|" + "---|" * len(abl_settings))
-    for name in names:
-      lines.append(f"| {name} | " + " | ".join(
-          _mean_std([r["psnr"] for r in ga.get((s, name), [])]) if ga.get((s, name)) else "-"
-          for s in abl_settings) + " |")
-    lines.append("")
 
-  # Error analysis.
-  if out["analysis"]:
-    lines.append(f"## Error analysis ({cfg['ref_sampler']}, seed {seeds[0]}, no compensation)\n")
-    lines.append("Per-step cumulative error measured on the evaluation seeds vs predicted by the "
-                 "closed form (diagonal phi fitted on the calibration seeds, driven by the "
-                 "measured per-step errors).\n")
-    lines.append("| setting | final RMS measured | final RMS predicted | corr of RMS curves | "
-                 "mean per-step corr | final rel. error |")
-    lines.append("|---|---|---|---|---|---|")
-    for r in out["analysis"]:
-      lines.append(f"| {r['setting']} | {r['measured_rms'][-1]:.4f} | {r['closed_form_rms'][-1]:.4f} | "
-                   f"{r['rms_curve_corr']:.3f} | {np.mean(r['per_step_corr'][1:]):.3f} | "
-                   f"{r['final_rel_err']:.3f} |")
-    lines.append("")
+def _record(ev: Dict[str, Any], **kw) -> Dict[str, Any]:
+  return {**kw, "psnr": ev["psnr"]["mean"], "ssim": ev["ssim"]["mean"],
+          "std_ratio": ev["std_ratio"], "sharpness_ratio": ev["sharpness_ratio"],
+          "error_rms_per_step": ev["error_rms_per_step"]}
 
-  # Plots.
-  steps_of = {n: parse_sampler(n) for n in snames}
-  ddim = sorted([n for n in snames if steps_of[n][0] == "ddim"], key=lambda n: steps_of[n][1])
-  figs = []
-  def panels(path, draw, xlabel, ylabel, log=False):
-    """One panel per setting; draw(ax, setting) plots the curves."""
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False)
-    for ax, s in zip(axes[0], settings):
-      draw(ax, s)
-      ax.set(title=s, xlabel=xlabel, ylabel=ylabel, yscale="log" if log else "linear")
-      ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(outdir, path), dpi=110)
-    plt.close(fig)
 
-  def psnr_curves(ax, s):
-    for m in methods:
-      vals = [[r["psnr"] for r in g.get((s, m, n), [])] for n in ddim]
-      ax.errorbar([steps_of[n][1] for n in ddim], [np.mean(v) for v in vals],
-                  yerr=[np.std(v) for v in vals], marker="o", label=m, capsize=3)
+def _quantize(s: _Setup, calib, setting: str, option: str):
+  obs, groups = ptq_option(option)
+  qc = presets.quant_config(s.cfg.quant, *SETTINGS[setting], obs, time_groups=groups)
+  return stages.quantize(s.model, calib, qc)
 
-  ref = cfg["ref_sampler"]
 
-  def error_curves(ax, s):
-    for m in methods:
-      curves = [r["error_rms_per_step"] for r in g.get((s, m, ref), []) if "error_rms_per_step" in r]
-      if curves:
-        ax.plot(np.mean(curves, 0), label=m)
-    an = [r for r in out["analysis"] if r["setting"] == s]
-    if an:
-      ax.plot(an[0]["closed_form_rms"], "k--", label="closed form (none)")
+def _setting_runs(s: _Setup, out, seed, noise, refs, calib, setting, grids) -> None:
+  """Main grid and PTQ options of one seed and setting (then analysis / FD / ablations)."""
+  spec = s.spec
+  for option in spec.ptq_options:
+    qm, where, main = _quantize(s, calib, setting, option), (seed, setting, option), \
+        option == spec.ptq_options[0]
+    for sname in (spec.samplers if main else (spec.ref,)):
+      for method in (spec.methods if main else ("none", "tcec")):
+        params = _fit(s, qm, noise, sname, method, where)
+        ev = _evaluate(s, qm, noise, refs[sname], sname, params, where + (sname, _method_key(method)))
+        if main and sname == spec.ref and seed == spec.seeds[0]:
+          grids.setdefault(setting, {"float": refs[sname].x})[method] = ev["x"]
+        out["records"].append(_record(ev, kind="main" if main else "ptq", seed=seed,
+                                      setting=setting, ptq=option, sampler=sname, method=method))
+    s.log(f"seed {seed} {setting} {option}: PSNR at {spec.ref}: " + ", ".join(
+        f"{r['method']} {r['psnr']:.2f}" for r in out["records"] if r["seed"] == seed
+        and r["setting"] == setting and r["ptq"] == option and r["sampler"] == spec.ref))
+    if main:
+      if seed == spec.seeds[0]:
+        out["analysis"].append(_analysis(s, qm, noise, setting))
+        if spec.fd_methods:
+          out["fd"] += _frechet(s, qm, noise, setting, where)
+      if setting in spec.ablation_settings:
+        out["ablations"] += _ablations(s, qm, noise, refs, setting, where)
 
+
+def _analysis(s: _Setup, qm, noise, setting: str) -> Dict[str, Any]:
+  _, rep = stages.analyse_propagation(s.compiled[s.spec.ref], s.model, qm, noise)
+  m, p = rep["measured_rms"], rep["closed_form_rms"]
+  s.log(f"{setting}: closed form vs measured, per-step corr "
+        f"{np.mean(rep['closed_form_corr'][1:]):.3f}")
+  return {"setting": setting, "sampler": s.spec.ref, "measured_rms": m.tolist(),
+          "closed_form_rms": p.tolist(), "per_step_corr": rep["closed_form_corr"].tolist(),
+          "rms_curve_corr": float(np.corrcoef(m, p)[0, 1]),
+          "final_rel_err": float(rep["closed_form_rel_err"][-1])}
+
+
+def _fd_reference(s: _Setup):
+  """(noise x, key, float reference, FrechetReference) of the FD sample set (first seed)."""
+  key = jax.random.key(10_000 + s.spec.seeds[0])
+  x = jax.random.normal(key, (s.cfg.num_fd,) + s.model.shape)
+  ref = stages.float_reference(s.compiled[s.spec.ref], s.model, x, key)
+  fd = FrechetReference.build(ref.x, s.cfg.fd_data, s.cfg.fd_data_seed)
+  s.log(f"Frechet distance, float model vs data ({s.cfg.num_fd} samples): {fd.floor:.3f}")
+  return x, key, ref, fd
+
+
+def _frechet(s: _Setup, qm, noise, setting: str, where) -> List[Dict[str, Any]]:
+  x, key, ref, fd = s.fd
+  n, rows = int(s.cfg.num_fd), []
+  for method in s.spec.fd_methods:
+    params = _fit(s, qm, noise, s.spec.ref, method, where)
+    m = stages.evaluate(s.compiled[s.spec.ref], qm, params, x, key, ref, fd)
+    rows.append({"setting": setting, "method": method, "n": n,
+                 "fd_vs_float": m["fd_vs_float"], "fd_vs_data": m["fd_vs_data"]})
+  s.log(f"{setting}: Frechet distance done")
+  return rows
+
+
+def _ablations(s: _Setup, qm, noise, refs, setting: str, where) -> List[Dict[str, Any]]:
+  ref, rows = s.spec.ref, []
+  ev = lambda p, k: _evaluate(s, qm, noise, refs[ref], ref, p, where + (ref,) + k)
+  for name, fit in ABLATIONS.items():
+    rows.append((name, ev(_fit(s, qm, noise, ref, fit, where), (fit,))))
+  for n in s.spec.calib_sizes:
+    x_cal = jax.random.normal(jax.random.fold_in(noise.key_cal, 7), (n,) + s.model.shape)
+    rows.append((f"calibration samples = {n}",
+                 ev(_fit(s, qm, noise, ref, "tcec", where, x_cal=x_cal), ("calib_size", n))))
+  for other in s.spec.samplers:
+    if other != ref and other.startswith(ref[:4]):
+      p = errors.resample_params(_fit(s, qm, noise, other, "tcec", where),
+                                 s.compiled[ref].sampler)
+      rows.append((f"calibrated at {other}, sampled at {ref}", ev(p, ("resampled", other))))
+  s.log(f"seed {where[0]} {setting}: {len(rows)} ablations")
+  return [{"seed": where[0], "setting": setting, "ablation": name, "psnr": e["psnr"]["mean"],
+           "ssim": e["ssim"]["mean"]} for name, e in rows]
+
+
+def _set_up(cfg, spec: SweepSpec, log: Progress) -> _Setup:
+  model = stages.load_model(cfg.checkpoint)
+  compiled = {}
+  for name in spec.samplers:
+    kind, steps = parse_sampler(name)
+    compiled[name] = Compiled(model, samplers.make_sampler(kind, model.schedule, steps))
+  s = _Setup(cfg, spec, log, model, compiled, Memo(), None)
+  return s._replace(fd=_fd_reference(s)) if spec.fd_methods else s
+
+
+def write_outputs(out: Dict[str, Any], directory: str, outdir: str, grids) -> str:
+  """sweep.json, report.md, headline.md, figures and manifest.json into `directory`
+  (`outdir`: the final folder, named in the report's command line)."""
+  with open(os.path.join(directory, "sweep.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  main = [r for r in out["records"] if r["kind"] == "main"]
+  settings, methods = report.unique(r["setting"] for r in main), report.unique(r["method"] for r in main)
+  ref, g = out["config"]["ref_sampler"], report.group(main, ("setting", "method", "sampler"))
+  ddim = sorted((parse_sampler(n)[1], n) for n in report.unique(r["sampler"] for r in main)
+                if parse_sampler(n)[0] == "ddim")
+  figures = []
   if len(ddim) > 1:
-    panels("psnr_vs_steps.png", psnr_curves, "DDIM steps", "PSNR vs float (dB)")
-    figs.append(("PSNR vs sampling steps", "psnr_vs_steps.png"))
-  panels("error_vs_step.png", error_curves, f"step ({ref})", "cumulative error RMS", log=True)
-  figs.append(("Cumulative error per step (mean over seeds)", "error_vs_step.png"))
-  for s in settings:
-    path = f"grid_{s}.png"
-    if grid_samples and s in grid_samples:
-      viz.save_comparison(os.path.join(outdir, path),
-                          {k: np.clip(np.asarray(v), -1, 1) for k, v in grid_samples[s].items()})
-    if os.path.exists(os.path.join(outdir, path)):  # re-rendered reports keep earlier grids
-      figs.append((f"{s} samples at {ref}, seed {seeds[0]}: float, then each method", path))
-  lines.append("## Figures\n")
-  for title, path in figs:
-    lines.append(f"{title}:\n\n![{title}]({path})\n")
-  report = "\n".join(lines)
-  with open(os.path.join(outdir, "report.md"), "w") as f:
-    f.write(report)
-  with open(os.path.join(outdir, "headline.md"), "w") as f:
-    f.write(headline_table(out))
-  return report
+    viz.save_psnr_vs_steps(os.path.join(directory, "psnr_vs_steps.png"), settings, methods,
+                           lambda s, m, n: [r["psnr"] for r in g.get((s, m, f"ddim{n}"), [])],
+                           [n for n, _ in ddim])
+    figures.append(("PSNR vs sampling steps", "psnr_vs_steps.png"))
+
+  def curves(s):
+    c = {m: np.mean([r["error_rms_per_step"] for r in g[(s, m, ref)]], 0) for m in methods
+         if g.get((s, m, ref))}
+    c.update({"closed form (none)": a["closed_form_rms"] for a in out["analysis"]
+              if a["setting"] == s})
+    return c
+
+  viz.save_error_curves(os.path.join(directory, "error_vs_step.png"), settings, curves,
+                        f"step ({ref})")
+  figures.append(("Cumulative error per step (mean over seeds)", "error_vs_step.png"))
+  seed = min(r["seed"] for r in out["records"])
+  for s, rows in grids.items():
+    viz.save_comparison(os.path.join(directory, f"grid_{s}.png"),
+                        {k: np.clip(np.asarray(v), -1, 1) for k, v in rows.items()})
+    figures.append((f"{s} samples at {ref}, seed {seed}: float, then each method", f"grid_{s}.png"))
+  text = report.sweep_report(out, outdir, figures)
+  with open(os.path.join(directory, "report.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(directory, "headline.md"), "w") as f:
+    f.write(report.headline_table(out))
+  files.write_json_atomic(os.path.join(directory, files.MANIFEST),
+                          files.manifest(out["config"], directory))
+  return text
 
 
-def headline_table(out: Dict[str, Any]) -> str:
-  """Per setting and method at the reference sampler: PSNR, SSIM (mean ± std over seeds)
-  and the Frechet distance to real data (first seed)."""
-  ref = out["config"]["ref_sampler"]
-  main = [r for r in out["records"] if r["kind"] == "main" and r["sampler"] == ref]
-  g = _group(main, ("setting", "method"))
-  fd = {(r["setting"], r["method"]): r["fd_vs_data"] for r in out["fd"]}
-  floor = fd.get(("float", "-"))
-  lines = ["| setting | method | PSNR (dB) | SSIM | std ratio | sharpness ratio | FD vs data |",
-           "|---|---|---|---|---|---|---|"]
-  for (s, m), rs in g.items():
-    f = fd.get((s, m))
-    lines.append(f"| {s} | {m} | {_mean_std([r['psnr'] for r in rs])} | "
-                 f"{np.mean([r['ssim'] for r in rs]):.3f} | "
-                 f"{np.mean([r.get('std_ratio', np.nan) for r in rs]):.3f} | "
-                 f"{np.mean([r.get('sharpness_ratio', np.nan) for r in rs]):.3f} | "
-                 f"{'-' if f is None else f'{f:.1f}'} |")
-  if floor is not None:
-    lines.append(f"| float | - | - | - | - | - | {floor:.1f} |")
-  return "\n".join(lines) + "\n"
+def run(cfg: ml_collections.ConfigDict, outdir: str, verbose: bool = True,
+        overwrite: bool = False) -> Dict[str, Any]:
+  """Runs the sweep; writes `outdir` as a whole when complete (refused if it holds results,
+  unless `overwrite`)."""
+  spec = validate(cfg)
+  outdir = files.check_output_dir(outdir, overwrite)
+  log = Progress(verbose)
+  s = _set_up(cfg, spec, log)
+  out: Dict[str, Any] = {"config": cfg.to_dict(), "records": [], "fd": [], "ablations": [],
+                         "analysis": [], "device": f"{jax.device_count()} x "
+                                                   f"{jax.devices()[0].device_kind}"}
+  if s.fd is not None:
+    out["fd"].append({"setting": "float", "method": "-", "fd_vs_float": 0.0,
+                      "fd_vs_data": s.fd[3].floor, "n": int(cfg.num_fd)})
+  grids: Dict[str, Dict[str, np.ndarray]] = {}
+  for seed in spec.seeds:
+    s.memo.clear()
+    noise = stages.seed_noise(seed, cfg.num_calib, cfg.num_eval, s.model.shape)
+    refs = {n: stages.float_reference(c, s.model, noise.x_eval, noise.key_eval)
+            for n, c in s.compiled.items()}
+    calib = stages.calibration_batches(s.compiled[spec.ref], s.model, noise)
+    log(f"seed {seed}: float samples for {', '.join(spec.samplers)}")
+    for setting in spec.settings:
+      _setting_runs(s, out, seed, noise, refs, calib, setting, grids)
+  with files.staged_directory(outdir) as tmp:
+    out["report"] = write_outputs(out, tmp, outdir, grids)
+  log(f"wrote {outdir}: sweep.json, report.md, headline.md, manifest.json and figures")
+  return out

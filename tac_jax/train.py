@@ -17,7 +17,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from tac_jax import checkpoint as ckpt_lib
+from tac_jax.models import checkpoint as ckpt_lib
 from tac_jax import data as data_lib
 from tac_jax import parallel
 from tac_jax.diffusion.schedules import make_schedule
@@ -64,48 +64,21 @@ def diffusion_loss(apply_fn, params, schedule_abar, x0, key):
   return jnp.mean((apply_fn({"params": params}, x_t, t) - noise) ** 2)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          export_dir: Optional[str] = None) -> Dict[str, Any]:
-  """Trains (resuming from `workdir` if it holds checkpoints); exports EMA params.
+def _restore(manager: ocp.CheckpointManager, state: TrainState, workdir: str) -> TrainState:
+  """The latest checkpoint in `manager` (if any) restored over `state`'s structure."""
+  step = manager.latest_step()
+  if step is None:
+    return state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))
+  logging.info("resumed from %s at step %d", workdir, step)
+  print(f"resumed from step {step}", flush=True)
+  return TrainState(*restored["state"])
 
-  Returns {'params': ema params, 'module': module, 'losses': [(step, loss)]}.
-  """
-  cfg_model = model_config(config)
-  schedule = schedule_from_config(config)
-  abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
-  data = load_training_data(config)
-  if data.shape[1:] != (cfg_model.sample_size, cfg_model.sample_size, cfg_model.in_channels):
-    raise ValueError(f"data shape {data.shape[1:]} does not match the model config "
-                     f"({cfg_model.sample_size}, {cfg_model.sample_size}, {cfg_model.in_channels}).")
-  key = jax.random.key(config.seed)
-  key, init_key = jax.random.split(key)
-  module, params = init_unet(cfg_model, init_key)
-  tx = make_optimizer(config)
-  state = TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params))
 
-  workdir = os.path.abspath(workdir)
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-  if manager.latest_step() is not None:
-    step = manager.latest_step()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
-    state = TrainState(*restored["state"])
-    logging.info("resumed from %s at step %d", workdir, step)
-    print(f"resumed from step {step}", flush=True)
-
-  ema_decay = config.optim.ema_decay
-  # Data parallel over all devices (when several): batch split, state replicated; jit turns
-  # the gradient's batch mean into an all-reduce.
-  mesh = parallel.auto_mesh(config.get("data_parallel", True))
-  if mesh is not None:
-    parallel.check_divisible(config.batch_size, mesh)
-    state = parallel.replicate(state, mesh)
-    put = lambda x: parallel.shard_batch(x, mesh)
-  else:
-    put = jnp.asarray
+def make_train_step(module, tx, abar, ema_decay: float):
+  """Jitted (state, x0, key) -> (state, loss): AdamW step and EMA with warm-up."""
 
   @jax.jit
   def train_step(state: TrainState, x0, key):
@@ -119,6 +92,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
     return TrainState(state.step + 1, params, ema, opt_state), loss
 
+  return train_step
+
+
+def _loop(config, state: TrainState, train_step, data, put, key, manager):
+  """Steps from state.step to num_train_steps, logging and checkpointing; (state, losses)."""
   rng = np.random.default_rng(config.seed)
   start = int(state.step)
   for _ in range(start):  # keep the data order identical when resuming
@@ -139,6 +117,40 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if done % config.checkpoint_every == 0 or done == config.num_train_steps:
       manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
   manager.wait_until_finished()
+  return state, losses
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          export_dir: Optional[str] = None) -> Dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds checkpoints); exports EMA params.
+
+  Returns {'params': ema params, 'module': module, 'losses': [(step, loss)]}.
+  """
+  cfg_model = model_config(config)
+  abar = jnp.asarray(schedule_from_config(config).alphas_cumprod, jnp.float32)
+  data = load_training_data(config)
+  if data.shape[1:] != (cfg_model.sample_size, cfg_model.sample_size, cfg_model.in_channels):
+    raise ValueError(f"data shape {data.shape[1:]} does not match the model config "
+                     f"({cfg_model.sample_size}, {cfg_model.sample_size}, {cfg_model.in_channels}).")
+  key, init_key = jax.random.split(jax.random.key(config.seed))
+  module, params = init_unet(cfg_model, init_key)
+  tx = make_optimizer(config)
+  workdir = os.path.abspath(workdir)
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  state = _restore(manager, TrainState(jnp.zeros((), jnp.int32), params, params,
+                                       tx.init(params)), workdir)
+  # Data parallel over all devices (when several): batch split, state replicated; jit turns
+  # the gradient's batch mean into an all-reduce.
+  mesh = parallel.auto_mesh(config.get("data_parallel", True))
+  put = jnp.asarray
+  if mesh is not None:
+    parallel.check_divisible(config.batch_size, mesh)
+    state = parallel.replicate(state, mesh)
+    put = lambda x: parallel.shard_batch(x, mesh)
+  train_step = make_train_step(module, tx, abar, config.optim.ema_decay)
+  state, losses = _loop(config, state, train_step, data, put, key, manager)
   meta = {"model": cfg_model.to_dict(), "schedule": config.schedule.to_dict(),
           "data": config.data.to_dict(), "train_steps": int(state.step), "seed": config.seed}
   if export_dir and jax.process_index() == 0:

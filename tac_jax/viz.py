@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import matplotlib
 matplotlib.use("Agg")
@@ -72,3 +72,45 @@ def save_error_plot(path: str, curves: Dict[str, Sequence[float]], timesteps: Se
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def save_setting_panels(path: str, settings: Sequence[str], draw: Callable[[Any, str], None],
+                        xlabel: str, ylabel: str, log: bool = False) -> str:
+  """One panel per setting side by side; `draw(ax, setting)` plots that panel's curves."""
+  fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False)
+  for ax, s in zip(axes[0], settings):
+    draw(ax, s)
+    ax.set(title=s, xlabel=xlabel, ylabel=ylabel, yscale="log" if log else "linear")
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def save_psnr_vs_steps(path: str, settings: Sequence[str], methods: Sequence[str],
+                       psnr: Callable[[str, str, int], Sequence[float]],
+                       steps: Sequence[int]) -> str:
+  """PSNR (mean +- std over seeds) against the number of sampler steps, per method;
+  `psnr(setting, method, steps)` gives the per-seed values."""
+
+  def draw(ax, s):
+    for m in methods:
+      vals = [psnr(s, m, n) for n in steps]
+      ax.errorbar(list(steps), [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals],
+                  marker="o", label=m, capsize=3)
+
+  return save_setting_panels(path, settings, draw, "sampler steps", "PSNR vs float (dB)")
+
+
+def save_error_curves(path: str, settings: Sequence[str], curves: Callable[[str], Dict[str, Any]],
+                      xlabel: str) -> str:
+  """Cumulative error RMS per step; `curves(setting)` gives {label: values}; labels that
+  start with "closed form" are dashed."""
+
+  def draw(ax, s):
+    for label, y in curves(s).items():
+      ax.plot(y, "k--" if label.startswith("closed form") else "-", label=label)
+
+  return save_setting_panels(path, settings, draw, xlabel, "cumulative error RMS", log=True)

@@ -47,3 +47,34 @@ def tiny_model_dir(tmp_path_factory):
     return made[sample_size]
 
   return make
+
+
+# One tiny end-to-end run of each launcher, shared by every test that reads their outputs
+# (the main job and the sweep on the same model, seed and sampler, so their numbers can be
+# compared with each other).
+TINY_MAIN_FLAGS = ("--config.num_steps=3", "--config.num_calib=8", "--config.num_eval=8",
+                   "--config.settings=W8A8,W4A4", "--config.observers=minmax",
+                   "--config.methods=none,tcec,tcec_safe", "--config.timing_repeats=0")
+TINY_SWEEP_FLAGS = ("--config.seeds=0", "--config.settings=W4A4", "--config.methods=none,tcec",
+                    "--config.samplers=ddim2,ddim3", "--config.ref_sampler=ddim3",
+                    "--config.ptq_options=minmax,minmax_tg2", "--config.num_calib=8",
+                    "--config.num_eval=8", "--config.num_fd=16", "--config.fd_methods=none,tcec",
+                    "--config.ablation_settings=W4A4", "--config.calib_sizes=4")
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_model_dir, tmp_path_factory):
+  """{'main': (outdir, CompletedProcess), 'sweep': (...), 'model': dir}: both launchers run
+  once, on the same tiny model."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  model = tiny_model_dir(8)
+  root = tmp_path_factory.mktemp("tiny_runs")
+  out = {"model": model}
+  for name, config, flags in (("main", "quantize", TINY_MAIN_FLAGS),
+                              ("sweep", "sweep", TINY_SWEEP_FLAGS)):
+    outdir = str(root / name)
+    cmd = launcher_cmd(name if name == "sweep" else "quantize", config,
+                       f"--config.checkpoint={model}", f"--outdir={outdir}", *flags)
+    out[name] = (outdir, subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                                        cwd=ROOT))
+  return out

@@ -17,7 +17,7 @@ from configs_loader import launcher_cmd
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
-    import jax, jax.numpy as jnp, numpy as np
+    import chex, jax, jax.numpy as jnp, numpy as np
     from tac_jax import errors, parallel, quant
     from tac_jax.diffusion import make_schedule, samplers
 
@@ -42,8 +42,8 @@ SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
         p1 = errors.calibrate(fp, W, fq, W, sampler, x, key, "tcec")
         p4 = parallel.sharded_calibrate(fp, W, fq, W, sampler, x, key, mesh, "tcec")
-        np.testing.assert_allclose(p4.K, p1.K, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(p4.beta, p1.beta, rtol=1e-4, atol=1e-5)
+        chex.assert_trees_all_equal_shapes_and_dtypes(p4, p1)   # every field, incl. optional
+        chex.assert_trees_all_close(p4, p1, rtol=1e-4, atol=1e-5)
     try:
         parallel.sharded_sample(fq, W, sampler, x[:6], key, mesh)
     except ValueError as e:
@@ -77,14 +77,14 @@ PIPELINE_SCRIPT = textwrap.dedent("""
     checkpoint.save_model(d + "/model", params, {"model": cfg.to_dict()})
     config = load_config("quantize")
     config.update(dict(checkpoint=d + "/model", num_steps=3, num_calib=8, num_eval=8,
-                       settings="W4A8", observers="minmax", variants="none,tcec",
+                       settings="W4A8", observers="minmax", methods="none,tcec",
                        int_path=False, timing_repeats=0))
     runs = {}
     for dp in (False, True):
         config.data_parallel = dp
         runs[dp] = pipeline.run(config, d + f"/dp{int(dp)}", verbose=dp)["runs"]
     for a, b in zip(runs[False], runs[True]):
-        assert a["variant"] == b["variant"]
+        assert a["method"] == b["method"]
         np.testing.assert_allclose(b["psnr_fake"]["mean"], a["psnr_fake"]["mean"], atol=1e-2)
         np.testing.assert_allclose(b["error_rms_per_step"], a["error_rms_per_step"], rtol=1e-3)
     config.num_eval = 6
@@ -124,7 +124,7 @@ def test_main_job_on_two_processes(tiny_model_dir, tmp_path):
   cmd = launcher_cmd("quantize", "quantize",
          f"--config.checkpoint={tiny_model_dir(8)}", f"--outdir={out}",
          "--config.num_steps=2", "--config.num_calib=8", "--config.num_eval=8",
-         "--config.settings=W8A8", "--config.observers=minmax", "--config.variants=none,tcec",
+         "--config.settings=W8A8", "--config.observers=minmax", "--config.methods=none,tcec",
          "--config.timing_repeats=0", "--config.int_path=False", "--distributed",
          f"--coordinator_address=localhost:{port}", "--num_processes=2")
   procs = [subprocess.Popen([*cmd, f"--process_id={i}"], cwd=ROOT, env=env, text=True,
@@ -136,7 +136,7 @@ def test_main_job_on_two_processes(tiny_model_dir, tmp_path):
   with open(os.path.join(out, "results.json")) as f:   # written by process 0 only
     res = json.load(f)
   assert res["processes"] == 2
-  psnr = {r["variant"]: r["psnr_fake"]["mean"] for r in res["runs"]}
+  psnr = {r["method"]: r["psnr_fake"]["mean"] for r in res["runs"]}
   assert np.isfinite(psnr["none"]) and psnr["tcec"] > psnr["none"]
 
 

@@ -1,69 +1,100 @@
-"""The main job end to end on a tiny model, through the absl launcher."""
+"""The main job end to end on a tiny model, through the absl launcher (one shared run)."""
 
 import json
 import os
-import subprocess
 
 import jax
 import pytest
 
-from configs_loader import launcher_cmd
-from tac_jax import pipeline
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from configs_loader import load_config
+from tac_jax import pipeline, stages
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_model_dir):
-  return tiny_model_dir(8)
-
-
-def test_main_job_launcher_writes_results(tiny_model, tmp_path):
-  out = str(tmp_path / "run")
-  cmd = launcher_cmd("quantize", "quantize",
-         f"--config.checkpoint={tiny_model}", f"--outdir={out}",
-         "--config.num_steps=4", "--config.num_calib=8", "--config.num_eval=8",
-         "--config.settings=W8A8,W4A4", "--config.observers=minmax",
-         "--config.variants=none,tcec_safe", "--config.timing_repeats=0")
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+def _results(tiny_runs):
+  outdir, proc = tiny_runs["main"]
   assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(outdir, "results.json")) as f:
+    return outdir, proc, json.load(f)
+
+
+def test_main_job_launcher_writes_results(tiny_runs):
+  out, proc, res = _results(tiny_runs)
   assert "PSNR vs float" in proc.stdout  # progress output
-  with open(os.path.join(out, "results.json")) as f:
-    res = json.load(f)
-  runs = {(r["setting"], r["variant"]): r for r in res["runs"]}
-  assert set(v for _, v in runs) == {"none", "tcec_safe"}
-  for (_, v), r in runs.items():
+  runs = {(r["setting"], r["method"]): r for r in res["runs"]}
+  assert set(m for _, m in runs) == {"none", "tcec", "tcec_safe"}
+  for (_, m), r in runs.items():
     assert r["std_ratio"] > 0 and r["sharpness_ratio"] > 0
-    if v == "tcec_safe":  # validated strength, or the fallback, on held-out calibration seeds
+    if m == "tcec_safe":  # validated strength, or the fallback, on held-out calibration seeds
       assert r["safe"]["num_fit"] == 4 and r["safe"]["num_val"] == 4
       assert r["safe"]["fell_back"] or r["safe"]["val_psnr"] >= r["safe"]["val_psnr_none"]
-    # fake-quant and the integer path agree (same integers, same rescale).
-    assert abs(r["psnr_fake"]["mean"] - r["psnr_int"]["mean"]) < 0.05
-    assert len(r["error_rms_per_step"]) == 4
+    if "psnr_int" in r:  # fake-quant and the integer path agree (same integers, same rescale)
+      assert abs(r["psnr_fake"]["mean"] - r["psnr_int"]["mean"]) < 0.05
+    assert len(r["error_rms_per_step"]) == 3
+  assert "psnr_int" in runs[("W4A4", "none")] and "psnr_int" in runs[("W4A4", "tcec_safe")]
   assert runs[("W8A8", "none")]["psnr_fake"]["mean"] > runs[("W4A4", "none")]["psnr_fake"]["mean"]
   mem = runs[("W4A4", "none")]["memory_bytes"]
   assert mem["layers_stored"] < mem["layers_int8"] < mem["layers_float32"]
   for name in ["results.md", "grid_W4A4_minmax.png", "errors_W4A4_minmax.png"]:
     assert os.path.getsize(os.path.join(out, name)) > 0
   with open(os.path.join(out, "results.md")) as f:
-    assert f.read().count("\n") == 2 + 4
+    assert f.read().count("\n") == 2 + 6
 
 
-def test_bad_config_values_are_rejected(tiny_model, tmp_path):
-  from configs_loader import load_config  # noqa: F401  (see conftest)
+def test_main_job_writes_a_manifest_of_its_files(tiny_runs):
+  from tac_jax import files
+  out, _, res = _results(tiny_runs)
+  with open(os.path.join(out, "manifest.json")) as f:
+    man = json.load(f)
+  assert man["config"]["methods"] == res["config"]["methods"]
+  assert man["versions"]["jax"] == jax.__version__
+  assert set(man["files"]) == set(os.listdir(out)) - {"manifest.json"}
+  files.verify_checksums(out, man["files"], "run")
+  assert not [n for n in os.listdir(os.path.dirname(out)) if n.startswith(".main.")]
+
+
+def test_main_job_and_sweep_agree_on_the_same_seed(tiny_runs):
+  """Both launchers run the shared stages: plain PTQ and tcec at W4A4, DDIM 3, seed 0."""
+  _, _, res = _results(tiny_runs)
+  outdir, proc = tiny_runs["sweep"]
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(outdir, "sweep.json")) as f:
+    sw = json.load(f)
+  main = {r["method"]: r for r in res["runs"] if r["setting"] == "W4A4"}
+  for m in ("none", "tcec"):
+    rec = [r for r in sw["records"] if r["kind"] == "main" and r["sampler"] == "ddim3"
+           and r["method"] == m]
+    assert len(rec) == 1
+    assert rec[0]["psnr"] == pytest.approx(main[m]["psnr_fake"]["mean"], abs=1e-3)
+    assert rec[0]["error_rms_per_step"] == pytest.approx(main[m]["error_rms_per_step"], rel=1e-4)
+
+
+def test_bad_config_values_are_rejected_before_anything_is_written(tiny_model_dir, tmp_path):
   cfg = load_config("quantize")
-  cfg.checkpoint = tiny_model
-  cfg.settings = "W3A3"
-  with pytest.raises(ValueError, match="unknown setting"):
-    pipeline.run(cfg, str(tmp_path), verbose=False)
-  cfg.settings = "W8A8"
-  cfg.variants = "none,magic"
-  with pytest.raises(ValueError, match="unknown method"):
-    pipeline.run(cfg, str(tmp_path), verbose=False)
-  cfg.variants = "tcec"
-  cfg.checkpoint = str(tmp_path / "missing")
-  with pytest.raises(FileNotFoundError, match="does not exist"):
-    pipeline.run(cfg, str(tmp_path), verbose=False)
+  cfg.checkpoint = tiny_model_dir(8)
+  out = str(tmp_path / "run")
+  for field, value, match in (("settings", "W3A3", "unknown setting"),
+                              ("settings", "W8A8,W8A8", "more than once"),
+                              ("methods", "none,magic", "unknown method"),
+                              ("methods", "tcec,tcec", "more than once"),
+                              ("eta", -0.5, "eta must be in"),
+                              ("num_steps", 0, "num_steps must be"),
+                              ("checkpoint", str(tmp_path / "missing"), "does not exist"),
+                              ("checkpoint", __file__, "is a file")):
+    bad = load_config("quantize")
+    bad.checkpoint = cfg.checkpoint
+    bad[field] = value
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+      pipeline.run(bad, out, verbose=False)
+    assert not os.path.exists(out)
+  bad = load_config("quantize")
+  bad.sampler, bad.eta = "ddpm", 0.5
+  with pytest.raises(ValueError, match="applies to DDIM only"):
+    pipeline.run(bad, out, verbose=False)
+  bad = load_config("quantize")
+  bad.quant.w_bits = 9
+  with pytest.raises(ValueError, match="bits come from --config.settings"):
+    pipeline.run(bad, out, verbose=False)
+  assert not os.path.exists(out)
 
 
 def test_overhead_measurement_reports_side_by_side_ratios():
@@ -73,7 +104,7 @@ def test_overhead_measurement_reports_side_by_side_ratios():
   apply_fn = lambda v, x, t: jax.numpy.tanh(x * v)
   params = errors.zero_params(5, 3, sampler.coeffs.t)
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
-  t = pipeline.measure_overhead(apply_fn, sampler, 0.5, params, x, jax.random.key(1), repeats=2)
+  t = stages.measure_overhead(apply_fn, sampler, 0.5, params, x, jax.random.key(1), repeats=2)
   assert t["plain_s"] > 0 and t["compensated_s"] > 0 and t["compensation_ops_s"] > 0
   assert t["overhead_ab"] == pytest.approx(t["compensated_s"] / t["plain_s"] - 1)
   assert t["overhead_ops"] == pytest.approx(t["compensation_ops_s"] / t["plain_s"])

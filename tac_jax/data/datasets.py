@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from sklearn.datasets import load_digits  # ships the data file; no download
 
 DATASETS = ("digits", "shapes")
 
 
 def _gray_digits(size: int) -> np.ndarray:
-  from sklearn.datasets import load_digits  # ships the data file; no download
   imgs = load_digits().images.astype(np.float32) / 16.0  # [N, 8, 8] in [0, 1]
   if size != 8:
     imgs = np.asarray(jax.image.resize(imgs, (imgs.shape[0], size, size), "bilinear"))
@@ -38,7 +38,6 @@ def digits(size: int = 16, colored: bool = True, seed: int = 0) -> np.ndarray:
 
 def digit_labels() -> np.ndarray:
   """[1797] int32 class labels (0..9) of `digits`, in the same order."""
-  from sklearn.datasets import load_digits
   return load_digits().target.astype(np.int32)
 
 

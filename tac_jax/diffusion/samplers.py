@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tac_jax.diffusion.schedules import Schedule, timestep_subsequence
+from tac_jax.diffusion.schedules import SPACINGS, Schedule, timestep_subsequence
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (variables, x, t) -> eps
 
@@ -45,6 +45,9 @@ class SamplerState(NamedTuple):
 
 class Sampler(NamedTuple):
   """init(x_T, key) -> state; step(state, eps, i) -> state. `state.x` is the sample.
+
+  Stochastic samplers' `step` also takes `noise_scale` (default 1): the factor on this
+  step's added noise (PTQD's variance absorption lowers it).
 
   `prepare(state, i) -> (x_in, t_in)` says what the network sees at step i; None means
   (state.x, coeffs.t[i]). Compensators that shift the network input (TAC's input bias
@@ -74,10 +77,10 @@ def affine_sampler(coeffs: StepCoeffs) -> Sampler:
   def init(x_T, key):
     return SamplerState(x=x_T, key=key)
 
-  def step(state, eps, i):
+  def step(state, eps, i, noise_scale=1.0):
     x = coeffs.a[i] * state.x + coeffs.b[i] * eps
     if stochastic:
-      x = x + coeffs.sigma[i] * step_noise(state.key, i, x.shape, x.dtype)
+      x = x + noise_scale * coeffs.sigma[i] * step_noise(state.key, i, x.shape, x.dtype)
     return SamplerState(x=x, key=state.key)
 
   return Sampler(coeffs=coeffs, init=init, step=step)
@@ -137,8 +140,29 @@ def ddpm(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> Sample
   return affine_sampler(ddpm_coeffs(schedule, num_steps, spacing))
 
 
+SAMPLERS = ("ddim", "ddpm")
+
+
+def check_sampler_args(name: str, num_steps: int, eta: float = 0.0,
+                       spacing: str = "uniform") -> None:
+  """Raises ValueError for a sampler name, step count, eta or spacing that cannot work
+  (before any model is loaded); eta applies to DDIM only."""
+  if name not in SAMPLERS:
+    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}.")
+  if int(num_steps) != num_steps or num_steps < 1:
+    raise ValueError(f"num_steps must be an integer >= 1, got {num_steps}.")
+  if name == "ddim" and not 0.0 <= eta <= 1.0:
+    raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM), got {eta}.")
+  if name == "ddpm" and eta != 0.0:
+    raise ValueError(f"eta={eta} applies to DDIM only: DDPM's step noise is fixed by the "
+                     "schedule. Use --config.sampler=ddim with eta, or leave eta at 0.")
+  if spacing not in SPACINGS:
+    raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}.")
+
+
 def make_sampler(name: str, schedule: Schedule, num_steps: int, eta: float = 0.0,
                  spacing: str = "uniform") -> Sampler:
+  check_sampler_args(name, num_steps, eta, spacing)
   if name == "ddim":
     return ddim(schedule, num_steps, eta, spacing)
   if name == "ddpm":
@@ -152,9 +176,19 @@ def batch_timestep(t, x):
 
 def sample(apply_fn: ApplyFn, variables, sampler: Sampler, x_T: jax.Array, key: jax.Array,
            return_trajectory: bool = False) -> Tuple[Any, Optional[jax.Array]]:
-  """Runs the sampler with one `lax.scan`. Returns (final state, trajectory or None).
+  """Runs the sampler with one `lax.scan`.
 
-  The trajectory holds x at the *input* of every step, [N, *x.shape] (so traj[0] = x_T).
+  Args:
+    apply_fn: the noise model, `apply_fn(variables, x, t) -> eps` with t an int32 [B]
+      array of timesteps (one per sample).
+    variables: its variables (float params, or {'params', 'quant'} of a QuantizedModel).
+    sampler: a Sampler (`ddim`, `ddpm`, or one wrapped by `errors.compensate`).
+    x_T: [B, H, W, C] starting noise.
+    key: PRNG key of the step noise (stochastic samplers).
+    return_trajectory: also return x at the *input* of every step, [N, *x.shape]
+      (traj[0] = x_T).
+  Returns:
+    (final sampler state, whose `.x` is the sample; trajectory or None).
   """
   coeffs = sampler.coeffs
 

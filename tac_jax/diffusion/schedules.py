@@ -45,6 +45,10 @@ def make_schedule(name: str = "linear", num_timesteps: int = 1000, beta_start: f
     betas = np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
   else:
     raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}.")
+  if not np.all((betas > 0) & (betas < 1)):
+    raise ValueError(f"the {name} schedule's betas must lie in (0, 1), got [{betas.min():g}, "
+                     f"{betas.max():g}]; check beta_start={beta_start} and beta_end={beta_end} "
+                     "(DDPM uses 1e-4 and 0.02).")
   return Schedule(name=name, betas=betas)
 
 
@@ -58,7 +62,11 @@ def timestep_subsequence(num_timesteps: int, num_steps: int, spacing: str = "uni
   """
   if not 1 <= num_steps <= num_timesteps:
     raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}.")
-  if spacing == "uniform":
+  if spacing not in SPACINGS:
+    raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}.")
+  if num_steps == 1:   # one step denoises from pure noise (diffusers' `leading` gives t = 0)
+    ts = np.array([num_timesteps - 1], np.int64)
+  elif spacing == "uniform":
     ts = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
   elif spacing == "leading":
     ts = np.arange(num_steps, dtype=np.int64) * (num_timesteps // num_steps)

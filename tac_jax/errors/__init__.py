@@ -2,7 +2,8 @@
 
 from tac_jax.errors.compensation import (METHODS, REFERENCE_METHODS, SAFE_METHOD, VARIANTS,
                                          CompensatedState, CorrectionParams, ErrorState,
-                                         FitConfig, TCECParams, compensate, correction,
+                                         FitConfig, TCECParams, check_params_finite,
+                                         compensate, correction,
                                          get_fit_config, load_params, resample_params,
                                          save_params, scale_params, zero_params)
 from tac_jax.errors.methods import SafeConfig, calibrate, calibrate_safe

@@ -30,12 +30,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from tac_jax import checkpoint as ckpt_lib
+from tac_jax import files
 from tac_jax.host import to_host
-from tac_jax.diffusion.samplers import ApplyFn, Sampler, batch_timestep, step_noise
-from tac_jax.quant import observers
+from tac_jax.diffusion.samplers import ApplyFn, Sampler, batch_timestep
+from tac_jax.validate import check_finite_data, check_finite_tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,13 +175,14 @@ def corrected_step(sampler: Sampler, p: CorrectionParams, i, inner, eps_q, e_hat
   if p.x_shift is not None:
     inner = inner._replace(x=x)
   d_hat = correction(p, eps_q, e_hat, eps_q_prev)
-  new = sampler.step(inner, eps_q - d_hat, i)
   if p.noise_var is not None and c.stochastic:
     # PTQD: the uncorrected residual adds variance b^2 rho; take it out of the step noise.
     sigma = c.sigma[i]
     reduced = jnp.sqrt(jnp.maximum(sigma ** 2 - c.b[i] ** 2 * p.noise_var, 0.0))
-    z = step_noise(inner.key, i, eps_q.shape, eps_q.dtype)
-    new = new._replace(x=new.x - (sigma - reduced) * z)
+    scale = jnp.where(sigma > 0, reduced / jnp.where(sigma > 0, sigma, 1.0), 1.0)
+    new = sampler.step(inner, eps_q - d_hat, i, noise_scale=scale)
+  else:
+    new = sampler.step(inner, eps_q - d_hat, i)
   return new, p.phi * e_hat + c.b[i] * d_hat, d_hat
 
 
@@ -243,7 +243,7 @@ def preserve_variance(K, beta, eps_q, eps_fp, per_channel: bool = True):
 def check_calibration_noise(x_T):
   if x_T.ndim < 2 or x_T.shape[0] == 0:
     raise ValueError(f"calibration needs at least one sample: got x_T of shape {x_T.shape}.")
-  observers.check_calibration_data(x_T, "calibration starting noise x_T")
+  check_finite_data(x_T, "calibration starting noise x_T")
 
 
 def default_phi(coeffs, channels: int) -> jax.Array:
@@ -339,12 +339,9 @@ def least_squares_fit_step(fit: FitConfig, sampler: Sampler, apply_fp, var_fp, a
 
 
 def check_params_finite(params: CorrectionParams, where: str = "calibration") -> CorrectionParams:
-  """Raises ValueError when fitted parameters hold NaN/inf (for jitted calibrations, whose
-  in-scan check cannot raise)."""
-  arrays = [a for a in jax.tree.leaves(params)]
-  if not all(np.all(np.isfinite(to_host(a))) for a in arrays):
-    raise ValueError(f"{where} produced NaN/inf parameters; check the quantized model and the "
-                     "input noise.")
+  """Raises ValueError when fitted parameters hold NaN/inf (skips traced leaves: a jitted
+  calibration is checked by its caller)."""
+  check_finite_tree(params, f"correction params ({where})")
   return params
 
 
@@ -435,6 +432,7 @@ def compensate(sampler: Sampler, params: Optional[CorrectionParams]) -> Sampler:
   c = sampler.coeffs
   if params is not None:
     check_params(params, sampler)
+    check_params_finite(params, "compensate")
 
   def init(x_T, key):
     if params is not None:
@@ -459,34 +457,36 @@ def compensate(sampler: Sampler, params: Optional[CorrectionParams]) -> Sampler:
 
 # ----------------------------------------------------------------------------- persistence
 
+PARAMS_JSON = "tcec.json"
+
+
 def save_params(directory: str, params: CorrectionParams,
                 meta: Optional[Dict[str, Any]] = None) -> str:
-  """Saves fitted parameters with orbax under `directory`/tcec (+ tcec.json)."""
-  directory = os.path.abspath(directory)
+  """Saves fitted parameters as the directory `directory` (tcec/ orbax tree + tcec.json with
+  checksums), written as a whole: a previous save there survives until this one is complete."""
   check_shapes(params)
   check_params_finite(params, "save_params")
   tree = {k: v for k, v in dataclasses.asdict(params).items() if v is not None}
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(directory, "tcec"), jax.device_get(tree), force=True)
-  ckptr.wait_until_finished()
-  ckpt_lib.write_json_atomic(os.path.join(directory, "tcec.json"),
-                             {"num_steps": params.num_steps, "channels": params.num_channels,
-                              **(meta or {})})
-  return directory
+  with files.staged_directory(directory) as tmp:
+    files.save_tree(os.path.join(tmp, "tcec"), tree)
+    files.write_json_atomic(os.path.join(tmp, PARAMS_JSON), {
+        "num_steps": params.num_steps, "channels": params.num_channels, **(meta or {}),
+        "checksums": files.tree_checksums(os.path.join(tmp, "tcec"))})
+  return os.path.abspath(directory)
 
 
 def load_params(directory: str, sampler: Optional[Sampler] = None,
                 channels: Optional[int] = None) -> CorrectionParams:
-  """Loads CorrectionParams; validates shapes, finiteness, and `sampler` / `channels` if given."""
+  """Loads CorrectionParams; verifies checksums, shapes, finiteness, and `sampler` /
+  `channels` if given."""
   directory = os.path.abspath(directory)
   path = os.path.join(directory, "tcec")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no correction params at {directory} (missing tcec/); run "
                             "calibration first.")
-  try:
-    tree = ocp.StandardCheckpointer().restore(path)
-  except Exception as e:
-    raise ValueError(f"could not read correction params from {path}: {type(e).__name__}: {e}") from e
+  record = files.read_json(os.path.join(directory, PARAMS_JSON), "correction params")
+  files.verify_checksums(path, record.get("checksums", {}), f"correction params at {directory}")
+  tree = files.restore_tree(path, "correction params")
   required = {"K", "beta", "phi", "timesteps"}
   if not required <= set(tree) <= required | set(OPTIONAL_FIELDS):
     raise ValueError(f"corrupt correction params at {path}: keys {sorted(tree)}.")
@@ -494,7 +494,7 @@ def load_params(directory: str, sampler: Optional[Sampler] = None,
   try:
     check_shapes(params)
   except ValueError as e:
-    raise ValueError(f"corrupt correction params at {path}: {e}") from e
+    raise ValueError(f"corrupt correction params at {path}: {e}") from None
   check_params_finite(params, f"correction params at {path}")
   if sampler is not None:
     check_params(params, sampler, channels)

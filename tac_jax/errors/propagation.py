@@ -39,7 +39,17 @@ class PropagationTrace(NamedTuple):
 
 def joint_run(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampler,
               x_T: jax.Array, key: jax.Array) -> PropagationTrace:
-  """Runs the float and the quantized sampler from the same x_T and noise (one scan)."""
+  """Runs the float and the quantized sampler from the same x_T and noise (one scan).
+
+  Args:
+    apply_fp, var_fp: the float noise model and its variables.
+    apply_q, var_q: the quantized one (e.g. `QuantizedModel.apply_fn("fake")`, `.variables`).
+    sampler: an affine sampler; x_T: [B, H, W, C] starting noise; key: step-noise key.
+  Returns:
+    PropagationTrace: per step the accumulated error e, the per-step quantization error d
+    (quantized minus float output at the quantized state), the float Jacobian applied to
+    e, and the error after the step, each [N, B, H, W, C].
+  """
   c = sampler.coeffs
 
   def body(carry, i):
@@ -150,6 +160,11 @@ def propagation_report(trace: PropagationTrace, a, b, phi) -> Dict[str, np.ndarr
   * `one_step_jvp`: a_i e_i + b_i J_i e_i + b_i d_i from the measured e_i (the exact
     first-order model, one step ahead): how well linearisation holds.
   """
+  return {k: to_host(v) for k, v in report_arrays(trace, a, b, phi).items()}
+
+
+def report_arrays(trace: PropagationTrace, a, b, phi) -> Dict[str, jax.Array]:
+  """`propagation_report` as device arrays (traceable: jit it with the joint run)."""
   measured = trace.e_next
   closed = cumulative_error_solve(phi, b, trace.d)
   one_step = _bcast(a, trace.e) * trace.e + _bcast(b, trace.e) * (trace.jvp + trace.d)
@@ -162,4 +177,4 @@ def propagation_report(trace: PropagationTrace, a, b, phi) -> Dict[str, np.ndarr
       "one_step_jvp_rel_err": rel(one_step),
       "per_step_error_rms": rms_per_step(_bcast(b, trace.d) * trace.d),
   }
-  return {k: to_host(v) for k, v in out.items()}
+  return out

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tac_jax import checkpoint as ckpt_lib
+from tac_jax import files
 
 FEATURE_DIM = 64
 
@@ -89,7 +89,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, groups: Optional[np
 
 
 def save_classifier(directory: str, params, meta: Dict[str, Any]) -> str:
-  return ckpt_lib.save_model(directory, params, {"model": {"kind": "DigitClassifier"}, **meta})
+  return files.save_checkpoint(directory, params, {"model": {"kind": "DigitClassifier"}, **meta})
 
 
 class FeatureExtractor:
@@ -97,14 +97,14 @@ class FeatureExtractor:
 
   def __init__(self, directory: Optional[str] = None, batch: int = 500):
     directory = directory or classifier_dir()
-    meta = ckpt_lib.load_meta(directory)
+    meta = files.load_meta(directory)
     if meta["model"].get("kind") != "DigitClassifier":
       raise ValueError(f"{directory} does not hold a DigitClassifier (model.json: {meta['model']}).")
     self.meta = meta
     self.model = DigitClassifier()
     abstract = jax.eval_shape(self.model.init, jax.random.key(0),
                               jnp.zeros((1,) + tuple(meta["input_shape"])))["params"]
-    self.params = ckpt_lib.restore_params(directory, abstract)
+    self.params = files.restore_params(directory, abstract, meta)
     self.input_shape = tuple(meta["input_shape"])
     self.batch = batch
     self._feats = jax.jit(lambda p, x: self.model.apply({"params": p}, x, return_features=True))

@@ -32,6 +32,8 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from tac_jax import files
+from tac_jax.models import checkpoint
 from tac_jax.models.unet import UNet, UNetConfig
 
 CONFIG_NAME = "config.json"
@@ -364,7 +366,6 @@ def import_diffusers(directory: str, weights: Optional[str] = None,
 def export_checkpoint(directory: str, outdir: str, weights: Optional[str] = None) -> str:
   """Imports a diffusers model and saves it as a tac_jax model directory (orbax + model.json),
   which `--config.checkpoint` of the main job accepts."""
-  from tac_jax import checkpoint  # pylint: disable=import-outside-toplevel
   _, params, meta = import_diffusers(directory, weights)
   return checkpoint.save_model(outdir, params, meta)
 
@@ -374,6 +375,5 @@ def export_diffusers(outdir: str, params, config: UNetConfig) -> str:
   os.makedirs(outdir, exist_ok=True)
   save_safetensors(os.path.join(outdir, WEIGHTS_NAMES[0]), to_diffusers_state_dict(params),
                    {"format": "pt"})
-  from tac_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  checkpoint.write_json_atomic(os.path.join(outdir, CONFIG_NAME), config_to_diffusers(config))
+  files.write_json_atomic(os.path.join(outdir, CONFIG_NAME), config_to_diffusers(config))
   return outdir

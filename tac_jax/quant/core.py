@@ -69,6 +69,15 @@ class QuantParams:
   axis: Optional[Tuple[int, ...]] = flax.struct.field(pytree_node=False, default=None)
   symmetric: bool = flax.struct.field(pytree_node=False, default=True)
 
+  def __post_init__(self):
+    check_bits(self.bits)
+    s = self.scale
+    if not isinstance(s, jax.core.Tracer) and isinstance(s, (jax.Array, np.ndarray, float, int)):
+      s = np.asarray(s)
+      if s.size and not np.all(np.isfinite(s) & (s > 0)):
+        raise ValueError(f"QuantParams.scale must be finite and > 0, got min {s.min()!r}; "
+                         "build QuantParams with params_from_range or an observer.")
+
   @property
   def qmin(self) -> int:
     return qrange(self.bits, self.symmetric)[0]
@@ -167,6 +176,11 @@ def pack_int4(q: jax.Array) -> jax.Array:
   q = jnp.asarray(q)
   if q.dtype != jnp.int8:
     raise ValueError(f"pack_int4 expects an int8 array, got {q.dtype}.")
+  if not isinstance(q, jax.core.Tracer):
+    lo_v, hi_v = int(jnp.min(q)) if q.size else 0, int(jnp.max(q)) if q.size else 0
+    if lo_v < -8 or hi_v > 7:
+      raise ValueError(f"pack_int4 holds signed 4-bit values in [-8, 7], got values in "
+                       f"[{lo_v}, {hi_v}]; quantize with bits=4 first.")
   n = q.shape[-1]
   if n % 2:
     q = jnp.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, 1)])

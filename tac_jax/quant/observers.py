@@ -13,23 +13,12 @@ from typing import Callable, Dict
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from tac_jax.host import to_host
 from tac_jax.quant import core
+from tac_jax.validate import check_finite_data
 
 
-def check_calibration_data(x, what: str = "calibration data") -> None:
-  """Raises ValueError for empty or non-finite data (no-op on traced values)."""
-  if isinstance(x, jax.core.Tracer):
-    return
-  if np.size(x) == 0:
-    raise ValueError(f"{what} is empty; pass at least one sample.")
-  n_bad = int(to_host(jnp.sum(~jnp.isfinite(jnp.asarray(x)))))  # sharded data: an all-reduce
-  if n_bad:
-    raise ValueError(
-        f"{what} contains {n_bad} NaN/inf values; clean the data (or check the model "
-        "that produced it) before calibrating.")
+check_calibration_data = check_finite_data  # the name the quantizers use
 
 
 def _prepare(x, bits, axis):

@@ -24,7 +24,7 @@ from tac_jax.host import to_host
 from tac_jax.quant import core
 from tac_jax.quant import int_ops
 from tac_jax.quant import observers
-from tac_jax.quant.inject import (QUANT_COLLECTION, STATS_COLLECTION, LayerSpec, QuantConfig,
+from tac_jax.quant.inject import (MODES, QUANT_COLLECTION, STATS_COLLECTION, LayerSpec, QuantConfig,
                                   list_layers, observing_interceptor, quantizing_interceptor,
                                   time_group)
 
@@ -78,15 +78,18 @@ class QuantizedModel:
   def apply_fn(self, mode: str = "fake") -> Callable:
     """Pure `apply(variables, x, t)` for `mode` in {'fake', 'int'}.
 
-    Models with the same module, layer specs and activation handling share one function
-    object (whatever their observers), so jitted code keyed on it compiles once.
+    Models with the same module, layer specs and activation handling get equal (and
+    equally hashing) functions whatever their observers, so jitted code that takes the
+    function as a static argument compiles once for all of them.
     """
+    if mode not in MODES:
+      raise ValueError(f"unknown quantization mode {mode!r}; choose from {MODES}.")
     c = self.config
-    return _apply_fn(self.module, tuple(sorted(self.specs.items())), c.a_dynamic,
-                     c.time_groups, self.num_timesteps, mode)
+    return QuantizedApply(self.module, tuple(sorted(self.specs.items())), c.a_dynamic,
+                          c.time_groups, self.num_timesteps, mode)
 
   def __call__(self, x, t=None, mode: str = "fake"):
-    return _jit(self.apply_fn(mode))(self.variables, x, t)
+    return _jitted_apply(self.apply_fn(mode), self.variables, x, t)
 
   def memory_report(self, float_params: Params) -> Dict[str, int]:
     """Bytes of the float model vs this model, and of the quantized layers alone."""
@@ -104,30 +107,29 @@ class QuantizedModel:
     }
 
 
-_APPLY_FNS: Dict[Any, Callable] = {}
+@dataclasses.dataclass(frozen=True)
+class QuantizedApply:
+  """The quantized network as a pure `apply(variables, x, t)`: a frozen dataclass of static
+  values, hashable and compared by value, so `jax.jit` code that takes it as a static
+  argument compiles once per (module, layer specs, activation handling, mode)."""
+  module: nn.Module
+  specs: Tuple[Tuple[str, LayerSpec], ...]
+  a_dynamic: bool
+  time_groups: int
+  num_timesteps: int
+  mode: str
+
+  def __call__(self, variables, x, t=None):
+    group = 0 if t is None else time_group(t, self.num_timesteps, self.time_groups)
+    # The interceptor only reads a_dynamic from the config; bits come from the specs.
+    config = QuantConfig(a_dynamic=self.a_dynamic, time_groups=self.time_groups)
+    with nn.intercept_methods(quantizing_interceptor(dict(self.specs), config, self.mode, group)):
+      return _call(self.module, variables, x, t)
 
 
-def _apply_fn(module, specs: Tuple[Tuple[str, LayerSpec], ...], a_dynamic: bool, time_groups: int,
-              num_timesteps: int, mode: str) -> Callable:
-  key = (id(module), specs, a_dynamic, time_groups, num_timesteps, mode)
-  if key in _APPLY_FNS:
-    return _APPLY_FNS[key][1]
-  spec_map = dict(specs)
-  # The interceptor only reads a_dynamic from the config; bits come from the specs.
-  config = QuantConfig(a_dynamic=a_dynamic, time_groups=time_groups)
-
-  def apply(variables, x, t=None):
-    group = 0 if t is None else time_group(t, num_timesteps, time_groups)
-    with nn.intercept_methods(quantizing_interceptor(spec_map, config, mode, group)):
-      return _call(module, variables, x, t)
-
-  _APPLY_FNS[key] = (module, apply)  # keeps `module` alive so its id stays unique
-  return apply
-
-
-@functools.lru_cache(maxsize=None)
-def _jit(fn: Callable) -> Callable:
-  return jax.jit(fn)
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_apply(fn: QuantizedApply, variables, x, t):
+  return fn(variables, x, t)
 
 
 def _check_calibration(calib: Sequence[CalibBatch],

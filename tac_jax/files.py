@@ -1,0 +1,274 @@
+"""Model-agnostic files: atomic JSON and directories, checksums, run manifests, param trees.
+
+Nothing here knows about UNets or diffusion. The guarantees the launchers build on:
+
+* `write_json_atomic`: a JSON file is either the old one or the complete new one.
+* `staged_directory`: a whole directory (a run's results, a model export, fitted params) is
+  built in a hidden sibling and swapped in only once complete; until then the previous
+  version stays untouched, and an interrupted write leaves at most a hidden `.*.tmp-*`.
+* `save_checkpoint` / `restore_params`: a params/ tree (orbax) next to a JSON description
+  that records a SHA-256 per file and every leaf's shape; loading verifies both before
+  orbax reads anything, and names the file that fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from importlib import metadata
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any, Dict, Iterator, Mapping, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+META_JSON = "model.json"
+PARAMS_DIR = "params"
+MANIFEST = "manifest.json"
+
+
+# ----------------------------------------------------------------------------- JSON
+
+def write_json_atomic(path: str, obj: Mapping[str, Any]) -> None:
+  """Writes `obj` as JSON to `path` through a temporary file and a rename."""
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def read_json(path: str, what: str) -> Dict[str, Any]:
+  """The JSON object at `path`; clear errors for a missing or corrupt file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what}: {path} is missing.")
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"corrupt {what}: {path} is not valid JSON ({e}).") from None
+  if not isinstance(obj, dict):
+    raise ValueError(f"corrupt {what}: {path} holds {type(obj).__name__}, not an object.")
+  return obj
+
+
+# ----------------------------------------------------------------------------- checksums
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def tree_checksums(directory: str) -> Dict[str, str]:
+  """{path relative to `directory`: sha256} for every file below it."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      full = os.path.join(root, name)
+      out[os.path.relpath(full, directory)] = sha256_file(full)
+  return dict(sorted(out.items()))
+
+
+def verify_checksums(directory: str, expected: Mapping[str, str], what: str) -> None:
+  """Raises ValueError naming the first file under `directory` that is missing or whose
+  SHA-256 differs from `expected`."""
+  for rel, digest in expected.items():
+    path = os.path.join(directory, rel)
+    if not os.path.isfile(path):
+      raise ValueError(f"corrupt {what}: {path} is missing (recorded at save time).")
+    if sha256_file(path) != digest:
+      raise ValueError(f"corrupt {what}: {path} does not match the checksum recorded at save "
+                       "time (the file was changed or damaged); restore or re-export it.")
+
+
+# ----------------------------------------------------------------------------- directories
+
+def check_output_dir(path: str, overwrite: bool, flag: str = "--overwrite") -> str:
+  """Validates an output directory before any work starts; returns its absolute path.
+
+  Refuses an empty name, a path that is a file, a parent that cannot be written, and a
+  non-empty existing directory unless `overwrite` (which then replaces it as a whole).
+  """
+  if not path or not str(path).strip():
+    raise ValueError("the output directory is empty; pass --outdir=<folder>.")
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"output directory {path} is a file; pass another --outdir.")
+  if os.path.isdir(path) and os.listdir(path) and not overwrite:
+    raise FileExistsError(f"output directory {path} already holds results; pass {flag} to "
+                          "replace it as a whole, or another --outdir.")
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"cannot create output directory {path}: {parent} is a file.")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise PermissionError(f"cannot write output directory {path}: {parent} is not writable.")
+  return path
+
+
+@contextlib.contextmanager
+def staged_directory(final: str) -> Iterator[str]:
+  """Yields a hidden sibling of `final` to build into; on success it replaces `final` (the
+  previous version, if any, stays intact until then); on any error it is removed."""
+  final = os.path.abspath(final)
+  parent, name = os.path.split(final)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if os.path.lexists(final):
+    old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
+    os.rmdir(old)
+    os.replace(final, old)
+  os.replace(tmp, final)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def manifest(config: Optional[Mapping[str, Any]], directory: str) -> Dict[str, Any]:
+  """What produced `directory`'s files: config, git revision, versions, file checksums."""
+  try:
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    rev = None
+  versions = {}
+  for dist in ("jax", "jaxlib", "flax", "numpy", "orbax-checkpoint", "tac_jax"):
+    try:
+      versions[dist] = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+      versions[dist] = None
+  files = {k: v for k, v in tree_checksums(directory).items() if k != MANIFEST}
+  return {"config": dict(config) if config is not None else None, "git_revision": rev,
+          "versions": versions, "python": sys.version.split()[0], "files": files}
+
+
+# ----------------------------------------------------------------------------- param trees
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+  """Silences orbax's own logging (asynchronous-I/O tracebacks on failures): our errors
+  name the problem."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def param_shapes(tree) -> Dict[str, list]:
+  flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+  return {k: list(np.shape(v)) for k, v in sorted(flat.items())}
+
+
+def save_tree(path: str, tree) -> None:
+  """Writes an array pytree with orbax at `path` (a directory that must not exist)."""
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(path), jax.device_get(tree))
+  ckptr.wait_until_finished()
+
+
+def save_checkpoint(directory: str, params, meta: Mapping[str, Any]) -> str:
+  """Writes params/ and model.json (meta + checksums + shapes) as one atomic directory."""
+  if "model" not in meta:
+    raise ValueError("meta must contain the 'model' config dict.")
+  directory = os.path.abspath(directory)
+  with staged_directory(directory) as tmp:
+    save_tree(os.path.join(tmp, PARAMS_DIR), params)
+    record = {**meta, "checksums": tree_checksums(os.path.join(tmp, PARAMS_DIR)),
+              "param_shapes": param_shapes(params)}
+    write_json_atomic(os.path.join(tmp, META_JSON), record)
+  return directory
+
+
+def load_meta(directory: str) -> Dict[str, Any]:
+  """model.json of a checkpoint directory, with errors that say what to do."""
+  directory = os.path.abspath(directory)
+  if not os.path.exists(directory):
+    raise FileNotFoundError(f"no model checkpoint at {directory}: the directory does not exist. "
+                            "Train one with experiments/train.py, or pass --config.checkpoint="
+                            "<model directory>.")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory} is a file, not a model checkpoint directory; pass the "
+                            f"folder that holds {META_JSON} and {PARAMS_DIR}/.")
+  marker = os.path.join(directory, META_JSON)
+  if not os.path.exists(marker):
+    raise FileNotFoundError(f"{directory} is not a complete model checkpoint: {META_JSON} is "
+                            "missing (an interrupted save?). Re-export or retrain the model.")
+  meta = read_json(marker, "checkpoint")
+  if "model" not in meta:
+    raise ValueError(f"corrupt checkpoint: {marker} has no 'model' section.")
+  return meta
+
+
+def _check_shapes(meta: Mapping[str, Any], abstract, marker: str) -> None:
+  recorded = meta.get("param_shapes")
+  if recorded is None:
+    return
+  want = param_shapes(jax.tree.map(lambda a: np.zeros(a.shape, np.int8), abstract))
+  if recorded != want:
+    diff = sorted(k for k in set(recorded) | set(want) if recorded.get(k) != want.get(k))
+    k = diff[0]
+    raise ValueError(f"checkpoint {marker} does not match its model config: param {k} was "
+                     f"saved with shape {recorded.get(k)} but the config builds {want.get(k)} "
+                     f"({len(diff)} params differ). Fix the 'model' section or re-export.")
+
+
+def restore_params(directory: str, abstract, meta: Optional[Mapping[str, Any]] = None):
+  """The params/ tree of a checkpoint directory, restored against `abstract`.
+
+  Verifies the recorded checksums and shapes first (checkpoints written before checksums
+  existed are read as they are), so a damaged or mismatched file fails with one clear
+  error naming it, before orbax reads anything.
+  """
+  directory = os.path.abspath(directory)
+  meta = load_meta(directory) if meta is None else meta
+  path = os.path.join(directory, PARAMS_DIR)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"corrupt checkpoint: {path} is missing.")
+  marker = os.path.join(directory, META_JSON)
+  verify_checksums(path, meta.get("checksums", {}), f"checkpoint {directory}")
+  _check_shapes(meta, abstract, marker)
+  try:
+    with _quiet_orbax():
+      return ocp.StandardCheckpointer().restore(path, abstract)
+  except Exception as e:  # orbax raises several types for truncated / mismatched trees
+    raise ValueError(f"could not restore params from {path}: the files are corrupt or do not "
+                     f"match the model config in {META_JSON} ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}).") from None
+
+
+def restore_tree(path: str, what: str):
+  """An orbax tree saved by `save_tree` (no abstract: arrays as saved)."""
+  try:
+    with _quiet_orbax():
+      return ocp.StandardCheckpointer().restore(os.path.abspath(path))
+  except Exception as e:
+    raise ValueError(f"could not read {what} from {path}: {type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}") from None

@@ -1,0 +1,52 @@
+"""UNet checkpoints: a `files` checkpoint directory whose model.json describes a UNetConfig.
+
+A model directory holds
+    params/      orbax StandardCheckpointer tree
+    model.json   {"model": UNetConfig fields, "schedule": {...}, "checksums": {...},
+                  "param_shapes": {...}, ...}
+and is written as a whole (`files.staged_directory`): an interrupted export leaves the
+previous model in place. Loading verifies checksums and shapes before reading params.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from tac_jax import files
+from tac_jax.models.unet import UNet, UNetConfig
+
+MODEL_JSON = files.META_JSON
+PARAMS_DIR = files.PARAMS_DIR
+load_meta = files.load_meta
+restore_params = files.restore_params
+write_json_atomic = files.write_json_atomic
+
+
+def save_model(directory: str, params, meta: Dict[str, Any]) -> str:
+  """Saves float params and `meta` (must contain 'model') as one atomic directory; an
+  existing model at `directory` is replaced only once the new one is complete."""
+  return files.save_checkpoint(directory, params, meta)
+
+
+def load_model(directory: str) -> Tuple[UNet, Any, Dict[str, Any]]:
+  """Returns (module, params, meta). Clear errors for missing / corrupt / mismatched files."""
+  meta = files.load_meta(directory)
+  try:
+    config = UNetConfig.from_dict(meta["model"])
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"checkpoint {directory}: the 'model' section of {MODEL_JSON} is not a "
+                     f"UNet config ({e}).") from None
+  module = UNet(config)
+  x = jnp.zeros((1, config.sample_size, config.sample_size, config.in_channels))
+  abstract = jax.eval_shape(module.init, jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
+  return module, files.restore_params(directory, abstract, meta), meta
+
+
+def default_model_dir() -> str:
+  """The small trained model shipped with the package."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                      "default_model")

@@ -1,0 +1,337 @@
+"""The stages of an evaluation, shared by the main job (`pipeline`) and the sweep (`sweep`).
+
+Each stage is a function of values; what an evaluation repeats (float reference per
+sampler and seed, fitted parameters, evaluations) is memoised by value keys (sampler
+name, method or FitConfig, seed), never by object identity:
+
+    model = load_model(checkpoint)
+    noise = seed_noise(seed, num_calib, num_eval, shape)
+    jit = Compiled(model, sampler)
+    ref = float_reference(jit, model, noise.x_eval, noise.key_eval)
+    qm = quantize(model, calibration_batches(jit, model, noise), qconfig)
+    phi, report = analyse_propagation(jit, model, qm, noise)
+    fitted = fit_method("tcec", model, jit, qm, noise, phi=phi)
+    metrics = evaluate(jit, qm, fitted.params, noise.x_eval, noise.key_eval, ref)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tac_jax import data, errors, metrics, quant
+from tac_jax.diffusion import samplers
+from tac_jax.diffusion.schedules import Schedule, make_schedule
+from tac_jax.errors import propagation
+from tac_jax.host import to_host
+from tac_jax.metrics import frechet
+from tac_jax.models import checkpoint as ckpt_lib
+
+SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
+
+
+class Progress:
+  """Progress lines with the seconds since the job started."""
+
+  def __init__(self, verbose: bool = True):
+    self.t0 = time.time()
+    self.verbose = verbose
+
+  def __call__(self, msg: str):
+    if self.verbose:
+      print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
+
+
+class Memo:
+  """A cache keyed by values (strings, numbers, frozen dataclasses), not by identity."""
+
+  def __init__(self):
+    self._store: Dict[Hashable, Any] = {}
+
+  def __call__(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+    if key not in self._store:
+      self._store[key] = compute()
+    return self._store[key]
+
+  def clear(self) -> None:
+    self._store.clear()
+
+
+# ----------------------------------------------------------------------------- model and noise
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+  """A float noise model: Flax module, params, its diffusion schedule and description."""
+  module: Any
+  params: Any
+  schedule: Schedule
+  meta: Dict[str, Any]
+  checkpoint: str
+
+  @property
+  def shape(self):
+    c = self.module.config
+    return (c.sample_size, c.sample_size, c.in_channels)
+
+  @property
+  def channels(self) -> int:
+    return self.module.config.out_channels
+
+  @property
+  def variables(self):
+    return {"params": self.params}
+
+
+def load_model(checkpoint: str = "") -> Model:
+  """A UNet checkpoint directory ("" = the shipped default model)."""
+  directory = checkpoint or ckpt_lib.default_model_dir()
+  module, params, meta = ckpt_lib.load_model(directory)
+  schedule = make_schedule(**meta.get("schedule", {}))  # make_schedule's defaults otherwise
+  return Model(module, params, schedule, meta, directory)
+
+
+class Noise(NamedTuple):
+  """Starting noise and step-noise keys of the calibration and evaluation seeds."""
+  x_cal: jax.Array
+  key_cal: jax.Array
+  x_eval: jax.Array
+  key_eval: jax.Array
+
+
+def seed_noise(seed: int, num_calib: int, num_eval: int, shape) -> Noise:
+  """The calibration and evaluation noise derived from `seed` (disjoint streams)."""
+  k_cal, k_eval = jax.random.split(jax.random.key(seed))
+  x_cal = jax.random.normal(jax.random.fold_in(k_cal, 0), (num_calib,) + tuple(shape))
+  x_eval = jax.random.normal(jax.random.fold_in(k_eval, 0), (num_eval,) + tuple(shape))
+  return Noise(x_cal, jax.random.fold_in(k_cal, 1), x_eval, jax.random.fold_in(k_eval, 1))
+
+
+class Compiled:
+  """The jitted runs of one model and sampler. The network's apply function is a static
+  argument (a hashable `QuantizedApply` or the float apply), so models that share one
+  (same bits, different observers) share the compiled code."""
+
+  def __init__(self, model: Model, sampler: samplers.Sampler):
+    self.sampler = sampler
+    apply_fp, schedule = model.module.apply, model.schedule
+
+    def run(apply_fn, variables, params, x_T, key):
+      state, traj = samplers.sample(apply_fn, variables, errors.compensate(sampler, params), x_T,
+                                    key, return_trajectory=True)
+      return state.x, traj, state.error.e_hat
+
+    def joint(apply_q, var_fp, var_q, x_T, key):
+      return propagation.joint_run(apply_fp, var_fp, apply_q, var_q, sampler, x_T, key)
+
+    def calibrate(apply_q, fit, var_fp, var_q, x_T, key, phi):
+      return errors.calibrate(apply_fp, var_fp, apply_q, var_q, sampler, x_T, key, fit, phi=phi,
+                              check_finite=False, schedule=schedule)
+
+    def analyse(apply_q, var_fp, var_q, noise):
+      c = sampler.coeffs
+      phi = propagation.fit_channel_gains(joint(apply_q, var_fp, var_q, noise.x_cal,
+                                                noise.key_cal), c.a, c.b)
+      trace = joint(apply_q, var_fp, var_q, noise.x_eval, noise.key_eval)
+      return phi, propagation.report_arrays(trace, c.a, c.b, phi)
+
+    self.run = jax.jit(run, static_argnums=0)
+    self.joint = jax.jit(joint, static_argnums=0)
+    self.analyse = jax.jit(analyse, static_argnums=0)
+    self.calibrate = jax.jit(calibrate, static_argnums=(0, 1))
+    self.none = errors.zero_params(sampler.coeffs.num_steps, model.channels, sampler.coeffs.t)
+
+
+# ----------------------------------------------------------------------------- stages
+
+class FloatReference(NamedTuple):
+  x: jax.Array        # final float samples
+  out: jax.Array      # [N+1, B, ...] the float run's step outputs (x_T first)
+
+
+def float_reference(jit: Compiled, model: Model, x_T, key) -> FloatReference:
+  x, traj, _ = jit.run(model.module.apply, model.variables, jit.none, x_T, key)
+  return FloatReference(x, samplers.step_outputs(traj, x))
+
+
+def calibration_batches(jit: Compiled, model: Model, noise: Noise) -> List[Any]:
+  """(x_t, t) batches of the float sampler's trajectories on the calibration seeds."""
+  _, traj, _ = jit.run(model.module.apply, model.variables, jit.none, noise.x_cal, noise.key_cal)
+  return samplers.calibration_batches(traj, jit.sampler.coeffs)
+
+
+def quantize(model: Model, calib, qconfig: quant.QuantConfig) -> quant.QuantizedModel:
+  return quant.quantize_model(model.module, model.params, calib, qconfig,
+                              model.schedule.num_timesteps)
+
+
+def analyse_propagation(jit: Compiled, model: Model, qm: quant.QuantizedModel, noise: Noise):
+  """(phi, report): channel gains fitted on the calibration seeds, and the first-order
+  model checked against the measured error on the evaluation seeds."""
+  phi, report = jit.analyse(qm.apply_fn("fake"), model.variables, qm.variables, noise)
+  return phi, {k: to_host(v) for k, v in report.items()}
+
+
+class Fitted(NamedTuple):
+  params: errors.CorrectionParams
+  seconds: float
+  safe: Optional[Dict[str, Any]]   # tcec_safe's validation report (without candidates)
+
+
+def fit_method(method, model: Model, jit: Compiled, qm: quant.QuantizedModel, x_cal, key_cal,
+               phi=None, safe_config: Optional[errors.SafeConfig] = None,
+               log: Optional[Callable[[str], None]] = None) -> Fitted:
+  """Fits one compensation method (a name in errors.METHODS or a FitConfig) on `x_cal`."""
+  t0, report, c = time.perf_counter(), None, jit.sampler.coeffs
+  fq = qm.apply_fn("fake")
+  if method == errors.SAFE_METHOD:
+    p, report = errors.calibrate_safe(model.module.apply, model.variables, fq, qm.variables,
+                                      jit.sampler, x_cal, key_cal, safe_config or errors.SafeConfig(),
+                                      phi=phi,
+                                      schedule=model.schedule, log=log)
+    report = {k: v for k, v in report.items() if k != "candidates"}
+  elif method == "none":
+    p = errors.zero_params(c.num_steps, model.channels, c.t, phi)
+  else:  # errors.calibrate resolves names (FitConfig presets, reference methods)
+    p = jit.calibrate(fq, method, model.variables, qm.variables, x_cal, key_cal, phi)
+  p = errors.check_params_finite(jax.block_until_ready(p), f"{method} calibration")
+  return Fitted(p, time.perf_counter() - t0, report)
+
+
+@jax.jit
+def _sample_metrics(x, ref):
+  """Per-sample PSNR / SSIM and the quality ratios, as one compiled program (eager ops on
+  arrays sharded over several processes would each need their own collective launch)."""
+  return (metrics.psnr(x, ref), metrics.ssim(x, ref), metrics.quality_ratios(x, ref))
+
+
+@jax.jit
+def _error_rms(traj, x, ref_out):
+  return propagation.rms_per_step(samplers.step_outputs(traj, x) - ref_out)
+
+
+def psnr_stats(x, ref) -> Dict[str, float]:
+  """{mean, std} over samples of PSNR against `ref`."""
+  return stats(_sample_metrics(x, ref)[0])
+
+
+def stats(values) -> Dict[str, float]:
+  v = to_host(values).astype(np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std())}
+
+
+def evaluate(jit: Compiled, qm: quant.QuantizedModel, params, x_T, key, ref: FloatReference,
+             fd: Optional["FrechetReference"] = None, mode: str = "fake") -> Dict[str, Any]:
+  """Samples with `params` and compares with the float samples on the same noise: PSNR /
+  SSIM ({mean, std} over samples), contrast and sharpness ratios, per-step error RMS,
+  Frechet distances when `fd` is given, and the samples themselves ("x", on the host)."""
+  x_q, traj, _ = jit.run(qm.apply_fn(mode), qm.variables, params, x_T, key)
+  p, s, q = _sample_metrics(x_q, ref.x)
+  out = {"psnr": stats(p), "ssim": stats(s),
+         "std_ratio": float(to_host(q["std_ratio"])),
+         "sharpness_ratio": float(to_host(q["sharpness_ratio"])),
+         "error_rms_per_step": to_host(_error_rms(traj, x_q, ref.out)).tolist(),
+         "x": to_host(x_q)}
+  if fd is not None:
+    out.update(fd.distances(out["x"]))
+  return out
+
+
+@dataclasses.dataclass
+class FrechetReference:
+  """Features of the float model's samples and of real data, in the shipped classifier's
+  feature space; `distances(x)` gives a sample set's FD to both."""
+  extractor: frechet.FeatureExtractor
+  float_features: np.ndarray
+  data_features: np.ndarray
+
+  @classmethod
+  def build(cls, x_fp, data_name: str, data_seed: int) -> "FrechetReference":
+    fx = frechet.FeatureExtractor()
+    x_fp = np.clip(to_host(x_fp), -1, 1)
+    real = data.load(data_name, size=x_fp.shape[1], seed=data_seed)[:x_fp.shape[0]]
+    return cls(fx, fx(x_fp), fx(real))
+
+  @property
+  def floor(self) -> float:
+    """The float model's own FD to data."""
+    return frechet.frechet_distance(self.float_features, self.data_features)
+
+  def distances(self, x) -> Dict[str, float]:
+    f = self.extractor(np.clip(to_host(x), -1, 1))
+    return {"fd_vs_float": frechet.frechet_distance(f, self.float_features),
+            "fd_vs_data": frechet.frechet_distance(f, self.data_features)}
+
+
+# ----------------------------------------------------------------------------- overhead
+
+def final_sampler_run(apply_fn, sampler: samplers.Sampler, compensated: bool):
+  """Jitted (variables, params, x_T, key) -> x_0 only (for timing; plain ignores params)."""
+
+  @jax.jit
+  def run(variables, params, x_T, key):
+    s = errors.compensate(sampler, params) if compensated else sampler
+    return samplers.sample(apply_fn, variables, s, x_T, key)[0].x
+
+  return run
+
+
+def compensation_only(sampler: samplers.Sampler):
+  """The compensated sampler's steps for a whole run with given network outputs, no
+  network: the correction, the error-state update and the step itself (an upper bound of
+  the compensation's own work), through the same `errors.compensate` as sampling."""
+
+  @jax.jit
+  def run(params, eps_seq, x_T):
+    comp = errors.compensate(sampler, params)
+
+    def body(state, inputs):
+      i, eps = inputs
+      return comp.step(state, eps, i), None
+    state, _ = jax.lax.scan(body, comp.init(x_T, jax.random.key(0)),
+                            (jnp.arange(sampler.coeffs.num_steps), eps_seq))
+    return state.x, state.error.e_hat
+
+  return run
+
+
+def _time(fn, *args, repeats: int) -> List[float]:
+  out = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+def measure_overhead(apply_fn, sampler, variables, params, x_T, key, repeats: int,
+                     comp_only: Optional[Callable] = None) -> Dict[str, float]:
+  """Median times of plain vs compensated sampling, interleaved to share machine noise,
+  and of the compensation ops alone (same shapes, no network).
+
+  `overhead_ab` is the honest end-to-end figure but on a busy CPU its noise (a few %)
+  exceeds the effect; `overhead_ops` times the extra work in isolation.
+  """
+  plain = final_sampler_run(apply_fn, sampler, compensated=False)
+  compensated = final_sampler_run(apply_fn, sampler, compensated=True)
+  comp_only = comp_only or compensation_only(sampler)
+  eps_seq = jax.random.normal(jax.random.key(0), (sampler.coeffs.num_steps,) + x_T.shape)
+  for fn, args in ((plain, (variables, params, x_T, key)),
+                   (compensated, (variables, params, x_T, key)), (comp_only, (params, eps_seq, x_T))):
+    jax.block_until_ready(fn(*args))  # compile outside the timed runs
+  t_plain, t_comp, t_ops = [], [], []
+  for r in range(repeats):  # ABBA order, so drifts in machine speed cancel
+    for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+      if which == 0:
+        t_plain += _time(plain, variables, params, x_T, key, repeats=1)
+      else:
+        t_comp += _time(compensated, variables, params, x_T, key, repeats=1)
+    t_ops += _time(comp_only, params, eps_seq, x_T, repeats=3)
+  med = lambda v: float(np.median(v))
+  return {"plain_s": med(t_plain), "compensated_s": med(t_comp), "compensation_ops_s": med(t_ops),
+          "overhead_ab": med(t_comp) / med(t_plain) - 1.0,
+          "overhead_ops": med(t_ops) / med(t_plain)}
