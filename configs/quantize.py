@@ -16,7 +16,7 @@ def get_config():
   c.num_calib = 64                  # calibration seeds (PTQ ranges and TCEC fits)
   c.num_eval = 128                  # held-out evaluation seeds (also the FD sample sets)
   c.settings = "W8A8,W4A8,W4A4"
-  c.observers = "minmax"            # PTQ observers (weights and activations): minmax, mse, ...
+  c.ptq = "minmax"                  # base-PTQ presets: minmax, mse, svdquant, ... (quant/presets.py)
   c.methods = "none,ptqd,tac,stepbaq,paper_m1,per_step,tcec,tcec_safe"  # compensation methods
   c.default_method = "tcec_safe"    # shown in grids and timed
   c.frechet = True                  # FD vs float and vs data (shipped classifier features)

@@ -13,7 +13,7 @@ def get_config():
   c.methods = "none,ptqd,tac,stepbaq,paper_m1,per_step,tcec,tcec_safe"  # errors.METHODS
   c.samplers = "ddim10,ddim25,ddim50,ddpm50"   # ddim<steps> / ddpm<steps>
   c.ref_sampler = "ddim25"                # PTQ calibration, PTQ options, FD, ablations
-  c.ptq_options = "minmax,mse,minmax_tg4" # first = the main grid's PTQ
+  c.ptq_options = "minmax,mse,minmax_tg4,svdquant" # presets[_tg<groups>]; first = main grid's
   c.num_calib = 64
   c.num_eval = 128
   c.num_fd = 1000                         # Frechet distance samples (first seed); 0 = skip

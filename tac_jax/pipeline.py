@@ -1,6 +1,6 @@
 """The main job: quantize a diffusion UNet, calibrate compensation, evaluate against float.
 
-For every PTQ observer x setting (W8A8, W4A8, W4A4), through the shared `stages`:
+For every base-PTQ preset x setting (W8A8, W4A8, W4A4), through the shared `stages`:
   1. PTQ: quantize the model, with activation ranges from the float sampler's
      trajectories on the calibration seeds (uniform over the sampler's timesteps).
   2. Propagation: a joint float / quantized run; channel gains phi are fitted on the
@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tac_jax import errors, files, parallel, quant, report, stages, viz
+from tac_jax import errors, files, parallel, report, stages, viz
 from tac_jax.diffusion import samplers
 from tac_jax.models import checkpoint as ckpt_lib
 from tac_jax.quant import presets
@@ -58,7 +58,7 @@ def parse_list(value, allowed=None, what="value") -> List[str]:
 class JobSpec:
   """A validated main-job config."""
   settings: Tuple[str, ...]
-  observers: Tuple[str, ...]
+  ptq: Tuple[str, ...]              # base-PTQ presets (quant/presets.py)
   methods: Tuple[str, ...]          # "none" first
   default: str                      # the method shown in grids and timed
   safe: errors.SafeConfig
@@ -68,7 +68,7 @@ def validate(config: ml_collections.ConfigDict) -> JobSpec:
   """Checks every field before anything runs or is written; raises ValueError saying what
   to change."""
   settings = parse_list(config.settings, SETTINGS, "setting")
-  observers = parse_list(config.observers, quant.observers.OBSERVERS, "observer")
+  ptq = parse_list(config.ptq, presets.PRESETS, "PTQ preset")
   methods = parse_list(config.methods, errors.METHODS, "method")
   methods = methods if "none" in methods else ["none"] + methods
   methods = ["none"] + [m for m in methods if m != "none"]
@@ -78,13 +78,13 @@ def validate(config: ml_collections.ConfigDict) -> JobSpec:
   if config.num_calib < 1 or config.num_eval < 1:
     raise ValueError("num_calib and num_eval must be >= 1.")
   samplers.check_sampler_args(config.sampler, config.num_steps, config.eta, config.spacing)
-  presets.quant_config(config.quant, 8, 8, observers[0])   # unknown / bits fields
+  presets.quant_config(config.quant, 8, 8, ptq[0])   # unknown / bits fields
   try:
     safe = errors.SafeConfig(**(config.safe.to_dict() if "safe" in config else {}))
   except TypeError as e:
     raise ValueError(f"config.safe: {e}; fields are those of errors.SafeConfig.") from None
   files.load_meta(config.checkpoint or ckpt_lib.default_model_dir())
-  return JobSpec(tuple(settings), tuple(observers), tuple(methods), default, safe)
+  return JobSpec(tuple(settings), tuple(ptq), tuple(methods), default, safe)
 
 
 @dataclasses.dataclass
@@ -143,7 +143,7 @@ def _method_entry(ctx: _Context, qm, setting, obs, method, fitted, mem) -> Dict[
   noise = ctx.noise
   m = stages.evaluate(ctx.jit, qm, fitted.params, noise.x_eval, noise.key_eval, ctx.ref, ctx.fd)
   ctx.samples[(setting, obs, method)] = m.pop("x")
-  entry = {"setting": setting, "observer": obs, "method": method, "memory_bytes": mem,
+  entry = {"setting": setting, "ptq": obs, "method": method, "memory_bytes": mem,
            "calibration_s": fitted.seconds, "psnr_fake": m.pop("psnr"),
            "ssim_fake": m.pop("ssim"), **m}
   if fitted.safe is not None:
@@ -164,7 +164,8 @@ def _timing(ctx: _Context, qm, params) -> Dict[str, Any]:
 
 
 def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List[Dict[str, Any]]:
-  """PTQ, propagation analysis, calibration of every method and evaluation of one setting."""
+  """PTQ (preset `obs`), propagation analysis, calibration of every method and evaluation
+  of one setting."""
   log, job, tag = ctx.log, ctx.job, f"{setting}_{obs}"
   qm = stages.quantize(ctx.model, ctx.calib,
                        presets.quant_config(ctx.config.quant, *SETTINGS[setting], obs))
@@ -208,7 +209,7 @@ def _flag_divergence(entries: List[Dict[str, Any]], warn) -> None:
 def save_figures(ctx: _Context, entries: List[Dict[str, Any]], outdir: str) -> None:
   """Sample grid (float / PTQ / best other method / default) and the per-step error plot."""
   by_method = {e["method"]: e for e in entries}
-  setting, obs, best = entries[0]["setting"], entries[0]["observer"], ctx.job.default
+  setting, obs, best = entries[0]["setting"], entries[0]["ptq"], ctx.job.default
   rows = {"float": ctx.samples["float"], f"PTQ {setting}": ctx.samples[(setting, obs, "none")]}
   base = report.best_baseline(entries, best)
   if base is not None:
@@ -253,12 +254,12 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True,
       "processes": jax.process_count(),
       "fd_float_vs_data": ctx.fd.floor if ctx.fd is not None else None, "runs": [],
       "grids": {f"{s}_{o}": os.path.join(outdir, f"grid_{s}_{o}.png")
-                for o in job.observers for s in job.settings}}
+                for o in job.ptq for s in job.settings}}
   staged = files.staged_directory(outdir) if writer else contextlib.nullcontext(None)
   with staged as tmp:
-    for obs in job.observers:
+    for obs in job.ptq:
       for setting in job.settings:
-        entries = evaluate_setting(ctx, setting, obs, timed=obs == job.observers[0])
+        entries = evaluate_setting(ctx, setting, obs, timed=obs == job.ptq[0])
         results["runs"] += entries
         if writer:
           save_figures(ctx, entries, tmp)

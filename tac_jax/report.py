@@ -51,7 +51,7 @@ def _method_label(r: Dict[str, Any]) -> str:
 
 def _main_row(r: Dict[str, Any], base_psnr: float, has_fd: bool) -> List[str]:
   pf, plain = r["psnr_fake"], r["method"] == "none"
-  cells = [r["setting"], r["observer"], _method_label(r), f"{pf['mean']:.2f} ± {pf['std']:.2f}",
+  cells = [r["setting"], r["ptq"], _method_label(r), f"{pf['mean']:.2f} ± {pf['std']:.2f}",
            "-" if plain else f"{pf['mean'] - base_psnr:+.2f}", f"{r['ssim_fake']['mean']:.3f}",
            f"{r['std_ratio']:.3f}", f"{r['sharpness_ratio']:.3f}"]
   if has_fd:
@@ -65,15 +65,15 @@ def _main_row(r: Dict[str, Any], base_psnr: float, has_fd: bool) -> List[str]:
 
 
 def results_table(results: Dict[str, Any]) -> str:
-  """Markdown: every setting x observer x method with fidelity, quality and cost columns."""
+  """Markdown: every setting x PTQ preset x method with fidelity, quality and cost columns."""
   runs = results["runs"]
   has_fd = any("fd_vs_data" in r for r in runs)
   header = (["setting", "PTQ", "method", "PSNR (dB)", "gain (dB)", "SSIM", "std ratio",
              "sharpness ratio"] + (["FD vs float", "FD vs data"] if has_fd else [])
             + ["PSNR int (dB)", "calib. (s)", "overhead (A/B, ops)", "weights (MB)"])
-  base = {(r["setting"], r["observer"]): r["psnr_fake"]["mean"] for r in runs
+  base = {(r["setting"], r["ptq"]): r["psnr_fake"]["mean"] for r in runs
           if r["method"] == "none"}
-  lines = markdown_table(header, (_main_row(r, base[(r["setting"], r["observer"])], has_fd)
+  lines = markdown_table(header, (_main_row(r, base[(r["setting"], r["ptq"])], has_fd)
                                   for r in runs))
   if results.get("fd_float_vs_data") is not None:
     lines.append(f"\nFloat model's own FD vs data: {results['fd_float_vs_data']:.1f}.")

@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tac_jax import errors, files, quant, report, stages, viz
+from tac_jax import errors, files, report, stages, viz
 from tac_jax.diffusion import samplers
 from tac_jax.pipeline import parse_list
 from tac_jax.quant import presets
@@ -58,12 +58,13 @@ def parse_sampler(name: str):
 
 
 def ptq_option(name: str):
-  """'minmax', 'mse', 'minmax_tg4' (4 timestep groups of activation ranges)."""
-  obs, _, tg = name.partition("_tg")
-  if obs not in quant.observers.OBSERVERS or (tg and not tg.isdigit()):
-    raise ValueError(f"PTQ option {name!r}: use <observer>[_tg<groups>] with an observer in "
-                     f"{sorted(quant.observers.OBSERVERS)}.")
-  return obs, int(tg) if tg else 1
+  """'minmax', 'svdquant', 'minmax_tg4' (4 timestep groups of activation ranges):
+  (preset, timestep groups)."""
+  preset, _, tg = name.partition("_tg")
+  if preset not in presets.PRESETS or (tg and not tg.isdigit()):
+    raise ValueError(f"PTQ option {name!r}: use <preset>[_tg<groups>] with a preset in "
+                     f"{sorted(presets.PRESETS)}.")
+  return preset, int(tg) if tg else 1
 
 
 @dataclasses.dataclass(frozen=True)

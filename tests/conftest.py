@@ -53,7 +53,7 @@ def tiny_model_dir(tmp_path_factory):
 # (the main job and the sweep on the same model, seed and sampler, so their numbers can be
 # compared with each other).
 TINY_MAIN_FLAGS = ("--config.num_steps=3", "--config.num_calib=8", "--config.num_eval=8",
-                   "--config.settings=W8A8,W4A4", "--config.observers=minmax",
+                   "--config.settings=W8A8,W4A4", "--config.ptq=minmax",
                    "--config.methods=none,tcec,tcec_safe", "--config.timing_repeats=0")
 TINY_SWEEP_FLAGS = ("--config.seeds=0", "--config.settings=W4A4", "--config.methods=none,tcec",
                     "--config.samplers=ddim2,ddim3", "--config.ref_sampler=ddim3",

@@ -77,7 +77,7 @@ PIPELINE_SCRIPT = textwrap.dedent("""
     checkpoint.save_model(d + "/model", params, {"model": cfg.to_dict()})
     config = load_config("quantize")
     config.update(dict(checkpoint=d + "/model", num_steps=3, num_calib=8, num_eval=8,
-                       settings="W4A8", observers="minmax", methods="none,tcec",
+                       settings="W4A8", ptq="minmax", methods="none,tcec",
                        int_path=False, timing_repeats=0))
     runs = {}
     for dp in (False, True):
@@ -124,7 +124,7 @@ def test_main_job_on_two_processes(tiny_model_dir, tmp_path):
   cmd = launcher_cmd("quantize", "quantize",
          f"--config.checkpoint={tiny_model_dir(8)}", f"--outdir={out}",
          "--config.num_steps=2", "--config.num_calib=8", "--config.num_eval=8",
-         "--config.settings=W8A8", "--config.observers=minmax", "--config.methods=none,tcec",
+         "--config.settings=W8A8", "--config.ptq=minmax", "--config.methods=none,tcec",
          "--config.timing_repeats=0", "--config.int_path=False", "--distributed",
          f"--coordinator_address=localhost:{port}", "--num_processes=2")
   procs = [subprocess.Popen([*cmd, f"--process_id={i}"], cwd=ROOT, env=env, text=True,

@@ -35,6 +35,15 @@ def padded(n: int, group: int) -> int:
   return -(-n // group) * group
 
 
+def fit_group(k: int, group: int) -> int:
+  """The group size used for K features: the largest divisor of K in [G/2, G] (no
+  padding), else G (K is padded with zeros to a multiple of G)."""
+  for g in range(min(group, k), max(group // 2, 1) - 1, -1):
+    if k % g == 0:
+      return g
+  return group
+
+
 def pad_last(x: jax.Array, size: int) -> jax.Array:
   extra = size - x.shape[-1]
   return x if extra == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
@@ -86,14 +95,16 @@ def low_rank_split(w: jax.Array, rank: int) -> Tuple[jax.Array, jax.Array, jax.A
 
 
 def quantize_weight_groups(w: jax.Array, bits: int, group: int) -> Tuple[jax.Array, jax.Array]:
-  """[K, N] -> (int8 [K', N], scales [K'/G, N]): symmetric per (group of G rows, column)."""
+  """[K, N] -> (int8 [K', N], float16 scales [K'/G, N]): symmetric per (group of G rows,
+  column)."""
   k, n = w.shape
   kp = padded(k, group)
   wg = jnp.pad(w, [(0, kp - k), (0, 0)]).reshape(kp // group, group, n)
   qmax = core.qrange(bits, True)[1]
-  scale = jnp.maximum(jnp.max(jnp.abs(wg), axis=1), 1e-8) / qmax
-  q = jnp.clip(jnp.round(wg / scale[:, None]), -qmax, qmax).astype(jnp.int8)
-  return q.reshape(kp, n), scale.astype(jnp.float32)
+  # Scales are stored in float16 (as SVDQuant): quantize with the rounded scale itself.
+  scale = (jnp.maximum(jnp.max(jnp.abs(wg), axis=1), 1e-4) / qmax).astype(jnp.float16)
+  q = jnp.clip(jnp.round(wg / scale.astype(jnp.float32)[:, None]), -qmax, qmax).astype(jnp.int8)
+  return q.reshape(kp, n), scale
 
 
 def quantize_tokens(x: jax.Array, bits: int, group: int) -> Tuple[jax.Array, jax.Array]:
@@ -115,7 +126,8 @@ def group_dot_int(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax
   xt = xq.reshape((-1, g, gs))
   acc = lax.dot_general(xt, wq.reshape(g, gs, -1), (((2,), (1,)), ((1,), (0,))),
                         preferred_element_type=jnp.int32)            # [g, T, N]
-  y = jnp.einsum("gtn,tg,gn->tn", acc.astype(jnp.float32), x_scale.reshape(-1, g), w_scale)
+  y = jnp.einsum("gtn,tg,gn->tn", acc.astype(jnp.float32), x_scale.reshape(-1, g),
+                 w_scale.astype(jnp.float32))
   return y.reshape(lead + (w_scale.shape[-1],))
 
 
@@ -123,7 +135,8 @@ def group_dot_fake(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: ja
   """The same product from dequantized operands in float (fake-quant simulation)."""
   g, gs = xq.shape[-2:]
   x = (xq.astype(jnp.float32) * x_scale).reshape(xq.shape[:-2] + (g * gs,))
-  w = (wq.astype(jnp.float32).reshape(g, gs, -1) * w_scale[:, None]).reshape(g * gs, -1)
+  w = (wq.astype(jnp.float32).reshape(g, gs, -1)
+       * w_scale.astype(jnp.float32)[:, None]).reshape(g * gs, -1)
   return x @ w
 
 

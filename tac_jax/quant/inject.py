@@ -29,6 +29,7 @@ from jax import lax
 
 from tac_jax import config_utils
 from tac_jax.quant import core
+from tac_jax.quant import groupwise
 from tac_jax.quant import int_ops
 from tac_jax.quant import observers
 
@@ -53,6 +54,13 @@ class QuantConfig:
   keep_8bit: str = r"^$"            # layers kept at W8A8 (e.g. first / last / time MLP)
   percentile: float = 99.99
   sample_size: int = 4096           # activation values kept per layer and call
+  # SVDQuant-class options (quant/groupwise.py). group_size > 0: weights symmetric per
+  # (group of G input features, output channel), activations quantized at run time per
+  # token in groups of G (static ranges and observers then apply to weights only).
+  group_size: int = 0
+  smooth_alpha: float = 0.0         # SmoothQuant migration strength (0 = off; needs groups)
+  low_rank: int = 0                 # rank of the float branch L1 L2 (0 = off; needs groups)
+  bias_correction: bool = False     # fold each layer's mean output error into its bias
 
   def __post_init__(self):
     core.check_bits(self.w_bits)
@@ -61,6 +69,12 @@ class QuantConfig:
     observers.get_observer(self.a_observer)
     if self.time_groups < 1:
       raise ValueError(f"time_groups must be >= 1, got {self.time_groups}.")
+    if self.group_size < 0 or self.low_rank < 0 or not 0.0 <= self.smooth_alpha <= 1.0:
+      raise ValueError(f"group_size and low_rank must be >= 0 and smooth_alpha in [0, 1], got "
+                       f"{self.group_size}, {self.low_rank}, {self.smooth_alpha}.")
+    if (self.smooth_alpha or self.low_rank) and not self.group_size:
+      raise ValueError("smooth_alpha and low_rank act on the group-wise path: set group_size "
+                       "(e.g. 32) as well, or use the `svdquant` preset.")
     for name in ("include", "exclude", "keep_8bit"):
       try:
         re.compile(getattr(self, name))
@@ -84,6 +98,8 @@ class LayerSpec:
   a_bits: int
   a_symmetric: bool
   out_features: int
+  group_size: int = 0   # > 0: the group-wise path (quant/groupwise.py)
+  low_rank: int = 0     # rank of the float branch on that path
 
   @property
   def packed(self) -> bool:
@@ -153,27 +169,56 @@ def _integer_weights(module, spec: LayerSpec):
   return core.unpack_int4(w, spec.out_features) if spec.packed else w
 
 
-def quantized_call(module, spec: LayerSpec, config: QuantConfig, mode: str, x, group):
-  """The quantized replacement of `module.__call__(x)`."""
-  x = jnp.asarray(x, jnp.float32)
+def _quant_variable(module, name: str):
+  return (module.get_variable(QUANT_COLLECTION, name)
+          if module.has_variable(QUANT_COLLECTION, name) else None)
+
+
+def _static_call(module, spec: LayerSpec, config: QuantConfig, mode: str, x, group):
+  """Per-channel weights, per-tensor activations (static ranges, or dynamic min-max)."""
   a_qp = _activation_params(module, spec, config, x, group)
   wq = _integer_weights(module, spec)
   w_scale = module.get_variable(QUANT_COLLECTION, "w_scale")
-  bias = module.get_variable("params", "bias") if module.use_bias else None
+  w_sum = module.get_variable(QUANT_COLLECTION, "w_sum") if mode == "int" else None
   if spec.kind == "dense":
     if mode == "int":
-      return int_ops.quantized_dense(x, a_qp, wq, w_scale,
-                                     module.get_variable(QUANT_COLLECTION, "w_sum"), bias)
-    y = jnp.dot(core.fake_quant(x, a_qp), wq.astype(jnp.float32) * w_scale)
-    return y if bias is None else y + bias
+      return int_ops.quantized_dense(x, a_qp, wq, w_scale, w_sum)
+    return jnp.dot(core.fake_quant(x, a_qp), wq.astype(jnp.float32) * w_scale)
   strides, padding, dil = _conv_geometry(module, x)
   if mode == "int":
-    return int_ops.quantized_conv(x, a_qp, wq, w_scale,
-                                  module.get_variable(QUANT_COLLECTION, "w_sum"),
-                                  strides, padding, dil, bias)
-  y = int_ops.float_conv(core.fake_quant(x, a_qp), wq.astype(jnp.float32) * w_scale,
-                         strides, padding, dil)
-  return y if bias is None else y + bias
+    return int_ops.quantized_conv(x, a_qp, wq, w_scale, w_sum, strides, padding, dil)
+  return int_ops.float_conv(core.fake_quant(x, a_qp), wq.astype(jnp.float32) * w_scale,
+                            strides, padding, dil)
+
+
+def _groupwise_call(module, spec: LayerSpec, mode: str, x):
+  """Smoothing, group-wise 4/8-bit product and the low-rank float branch."""
+  q = {"w": _integer_weights(module, spec), "w_scale": _quant_variable(module, "w_scale")}
+  if spec.low_rank:
+    q["lora_a"], q["lora_b"] = _quant_variable(module, "lora_a"), _quant_variable(module, "lora_b")
+  smooth = _quant_variable(module, "smooth")
+  if smooth is not None:
+    x = x / smooth
+  geometry = None
+  if spec.kind == "conv":
+    strides, padding, dil = _conv_geometry(module, x)
+    geometry = {"kernel_size": tuple(module.kernel_size), "strides": strides,
+                "padding": padding, "dilation": dil}
+  tokens = groupwise.layer_tokens(spec.kind, x, geometry)
+  return groupwise.groupwise_forward(tokens, q, spec.a_bits, spec.group_size, mode)
+
+
+def quantized_call(module, spec: LayerSpec, config: QuantConfig, mode: str, x, group):
+  """The quantized replacement of `module.__call__(x)`."""
+  x = jnp.asarray(x, jnp.float32)
+  if spec.group_size:
+    y = _groupwise_call(module, spec, mode, x)
+  else:
+    y = _static_call(module, spec, config, mode, x, group)
+  if module.use_bias:
+    y = y + module.get_variable("params", "bias")
+  correction = _quant_variable(module, "bias_corr")
+  return y if correction is None else y - correction
 
 
 # ----------------------------------------------------------------------------- interceptors
@@ -196,7 +241,8 @@ def quantizing_interceptor(specs: Mapping[str, LayerSpec], config: QuantConfig, 
 
 
 def observing_interceptor(sample_size: int) -> Callable:
-  """Records (min, max, evenly strided sample) of every Dense/Conv input via `sow`."""
+  """Records (min, max, evenly strided sample, per-channel max |x|) of every Dense/Conv
+  input via `sow`."""
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
@@ -205,8 +251,29 @@ def observing_interceptor(sample_size: int) -> Callable:
       # Always `sample_size` values (repeating when the tensor is smaller), so every
       # layer's statistics have one shape and the range fits compile once.
       idx = (jnp.arange(sample_size) * flat.shape[0]) // sample_size
-      module.sow(STATS_COLLECTION, "x", (jnp.min(flat), jnp.max(flat), flat[idx]))
+      x = jnp.asarray(args[0], jnp.float32)
+      channel_absmax = jnp.max(jnp.abs(x.reshape(-1, x.shape[-1])), axis=0)
+      module.sow(STATS_COLLECTION, "x", (jnp.min(flat), jnp.max(flat), flat[idx],
+                                         channel_absmax))
     return next_fun(*args, **kwargs)
+
+  return intercept
+
+
+def error_interceptor(specs: Mapping[str, LayerSpec], config: QuantConfig, group) -> Callable:
+  """Runs every quantized layer on the float model's own input next to the float layer
+  and sows the mean output error per output channel; the float output flows on."""
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    y = next_fun(*args, **kwargs)
+    if context.method_name != "__call__" or not is_quantizable(module):
+      return y
+    spec = specs.get(layer_path(module))
+    if spec is not None:
+      err = quantized_call(module, spec, config, "fake", args[0], group) - y
+      module.sow(STATS_COLLECTION, "err", jnp.mean(err.reshape(-1, err.shape[-1]), axis=0))
+    return y
 
   return intercept
 

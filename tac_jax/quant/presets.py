@@ -1,7 +1,21 @@
-"""The quantization defaults the launchers, configs and benchmarks share (one place).
+"""The quantization defaults and named base-PTQ presets the launchers, configs and
+benchmarks share (one place).
 
 `quant_defaults()` is the `config.quant` section of the main job and the sweep;
-`quant_config(section, w_bits, a_bits, observer)` turns it into a QuantConfig.
+`quant_config(section, w_bits, a_bits, preset)` turns it and a preset into a QuantConfig.
+
+Presets (the ladder the main job and the sweep can run, each with every compensator):
+
+    minmax       per-output-channel weights, one static activation range per tensor
+                 (min-max over the float sampler's trajectories at all timesteps)
+    mse          the same, ranges chosen by the MSE search (weights and activations)
+    percentile   the same, ranges at the 99.99th percentile
+    minmax_bc    minmax + bias correction (each layer's mean output error folded away)
+    groupwise    weights per (group of `group_size` input features, output channel),
+                 activations per (token, group) at run time
+    smoothquant  groupwise after SmoothQuant migration (alpha = `smooth_alpha`)
+    svdquant     smoothquant + a rank-`low_rank` float branch (SVDQuant)
+    svdquant_bc  svdquant + bias correction
 """
 
 from __future__ import annotations
@@ -18,6 +32,20 @@ KEEP_8BIT = r"^(conv_in|conv_out|time_embedding/.*)$"
 # The bits come from the job's `settings` (W8A8, W4A8, W4A4), not from this section.
 BITS_FIELDS = ("w_bits", "a_bits")
 
+# Preset -> QuantConfig fields; "{group}", "{rank}", "{alpha}" come from the quant section.
+PRESETS = {
+    "minmax": {},
+    "mse": {"w_observer": "mse", "a_observer": "mse"},
+    "percentile": {"w_observer": "percentile", "a_observer": "percentile"},
+    "minmax_bc": {"bias_correction": True},
+    "groupwise": {"group_size": "{group}"},
+    "smoothquant": {"group_size": "{group}", "smooth_alpha": "{alpha}"},
+    "svdquant": {"group_size": "{group}", "smooth_alpha": "{alpha}", "low_rank": "{rank}"},
+    "svdquant_bc": {"group_size": "{group}", "smooth_alpha": "{alpha}", "low_rank": "{rank}",
+                    "bias_correction": True},
+}
+PRESET_PARAMS = {"group": "group_size", "rank": "low_rank", "alpha": "smooth_alpha"}
+
 
 def quant_defaults() -> ml_collections.ConfigDict:
   """The `quant` section of a job config: weights per output channel, activations per
@@ -28,27 +56,44 @@ def quant_defaults() -> ml_collections.ConfigDict:
       time_groups=1,
       keep_8bit=KEEP_8BIT,
       exclude=r"^$",
+      # Parameters of the group-wise presets (groupwise, smoothquant, svdquant*): groups of
+      # 32 features (SVDQuant uses 64 on layers far wider than ours), a rank-16 float
+      # branch (capped at min(K, N) / 2 per layer), SmoothQuant's alpha = 0.5.
+      group_size=32,
+      low_rank=16,
+      smooth_alpha=0.5,
       # Not settable: present so that --config.quant.w_bits=4 says where bits are chosen.
       w_bits=ml_collections.config_dict.placeholder(int),
       a_bits=ml_collections.config_dict.placeholder(int)))
 
 
+def check_preset(name: str) -> str:
+  if name not in PRESETS:
+    raise ValueError(f"unknown PTQ preset {name!r}; choose from {sorted(PRESETS)} "
+                     "(tac_jax/quant/presets.py).")
+  return name
+
+
 def quant_config(section: Mapping[str, Any], w_bits: int, a_bits: int,
-                 observer: str, **overrides) -> QuantConfig:
-  """A QuantConfig from a job config's `quant` section, a setting's bits and an observer."""
+                 preset: str = "minmax", **overrides) -> QuantConfig:
+  """A QuantConfig from a job config's `quant` section, a setting's bits and a preset."""
   section = dict(section)
   given = [k for k in BITS_FIELDS if section.pop(k, None) is not None]
   if given:
     raise ValueError(f"config.quant.{given[0]} is not a field: the bits come from "
                      "--config.settings (W8A8, W4A8, W4A4).")
-  fields = dict(w_per_channel=section.get("w_per_channel", True),
-                a_symmetric=section.get("a_symmetric", False),
-                time_groups=section.get("time_groups", 1),
-                keep_8bit=section.get("keep_8bit", KEEP_8BIT),
-                exclude=section.get("exclude", r"^$"))
-  unknown = set(section) - set(fields)
-  if unknown:
-    raise ValueError(f"unknown config.quant fields {sorted(unknown)}; known: {sorted(fields)}.")
+  params = {k: section.pop(field, QuantConfig.__dataclass_fields__[field].default)
+            for k, field in PRESET_PARAMS.items()}
+  fields = dict(w_per_channel=section.pop("w_per_channel", True),
+                a_symmetric=section.pop("a_symmetric", False),
+                time_groups=section.pop("time_groups", 1),
+                keep_8bit=section.pop("keep_8bit", KEEP_8BIT),
+                exclude=section.pop("exclude", r"^$"))
+  if section:
+    raise ValueError(f"unknown config.quant fields {sorted(section)}; known: "
+                     f"{sorted(list(fields) + list(PRESET_PARAMS.values()))}.")
+  for field, value in PRESETS[check_preset(preset)].items():
+    fields[field] = params[value[1:-1]] if isinstance(value, str) and value.startswith("{") \
+        else value
   fields.update(overrides)
-  return QuantConfig(w_bits=w_bits, a_bits=a_bits, w_observer=observer, a_observer=observer,
-                     **fields)
+  return QuantConfig(w_bits=w_bits, a_bits=a_bits, **fields)

@@ -22,13 +22,16 @@ from flax import traverse_util
 
 from tac_jax.host import to_host
 from tac_jax.quant import core
+from tac_jax.quant import groupwise
 from tac_jax.quant import int_ops
 from tac_jax.quant import observers
 from tac_jax.quant.inject import (MODES, QUANT_COLLECTION, STATS_COLLECTION, LayerSpec, QuantConfig,
+                                  error_interceptor,
                                   list_layers, observing_interceptor, quantizing_interceptor,
                                   time_group)
 
 Params = Dict[str, Any]
+LOW_RANK_CAP = 8
 CalibBatch = Tuple[jax.Array, Any]  # (x, t); t is a scalar timestep (or None)
 
 
@@ -46,12 +49,32 @@ def select_layers(layers: Mapping[str, str], config: QuantConfig) -> Dict[str, L
     eight = bool(keep8.search(path))
     chosen[path] = LayerSpec(kind=kind, w_bits=8 if eight else config.w_bits,
                              a_bits=8 if eight else config.a_bits,
-                             a_symmetric=config.a_symmetric, out_features=0)
+                             a_symmetric=config.a_symmetric, out_features=0,
+                             group_size=config.group_size)
   return chosen
 
 
-def quantize_weight(kernel: jax.Array, spec: LayerSpec, config: QuantConfig) -> Dict[str, jax.Array]:
-  """Integer weights, per-output-channel scales and integer column sums for one layer."""
+def _groupwise_weight(kernel: jax.Array, spec: LayerSpec, smooth) -> Dict[str, jax.Array]:
+  """Group-wise integer weights of W' = diag(s) W - L1 L2, with s and L1, L2 kept."""
+  w = groupwise.conv_matrix(kernel) if kernel.ndim == 4 else kernel
+  out: Dict[str, jax.Array] = {}
+  if smooth is not None:
+    w = w * smooth[groupwise.channel_of_row(kernel.shape)][:, None]
+    out["smooth"] = smooth.astype(jnp.float32)
+  if spec.low_rank:
+    out["lora_a"], out["lora_b"], w = groupwise.low_rank_split(w, spec.low_rank)
+  wq, w_scale = groupwise.quantize_weight_groups(w, spec.w_bits, spec.group_size)
+  out["w"] = core.pack_int4(wq) if spec.packed else wq
+  out["w_scale"] = w_scale
+  return out
+
+
+def quantize_weight(kernel: jax.Array, spec: LayerSpec, config: QuantConfig,
+                    smooth=None) -> Dict[str, jax.Array]:
+  """Integer weights and scales for one layer: per output channel (with integer column
+  sums for the activation zero point), or group-wise (`spec.group_size`)."""
+  if spec.group_size:
+    return _groupwise_weight(kernel, spec, smooth)
   axis = kernel.ndim - 1 if config.w_per_channel else None
   observer = observers.get_observer(config.w_observer)
   qp = observer(kernel, spec.w_bits, axis, True)
@@ -98,12 +121,18 @@ class QuantizedModel:
     flat_q = traverse_util.flatten_dict(self.variables[QUANT_COLLECTION], sep="/")
     w_int = sum(core.storage_bytes(flat_q[f"{p}/w"]) for p in self.specs)
     w_int8 = sum(core.storage_bytes(flat_float[f"{p}/kernel"]) // 4 for p in self.specs)
+    per_layer = lambda names: sum(core.storage_bytes(flat_q[f"{p}/{n}"]) for p in self.specs
+                                  for n in names if f"{p}/{n}" in flat_q)
     return {
         "model_float32": sum(core.storage_bytes(v) for v in flat_float.values()),
         "model_quantized": sum(core.storage_bytes(v) for v in jax.tree.leaves(self.variables)),
         "layers_float32": w_float,
         "layers_int8": w_int8,
         "layers_stored": w_int,
+        # scales, zero points, column sums, smoothing scales, bias corrections
+        "layers_overhead": per_layer(("w_scale", "w_sum", "a_scale", "a_zero", "smooth",
+                                      "bias_corr")),
+        "low_rank_float32": per_layer(("lora_a", "lora_b")),
     }
 
 
@@ -153,12 +182,13 @@ def collect_activation_stats(module: nn.Module, params: Params, calib: Sequence[
                              ) -> Dict[str, List[List[np.ndarray]]]:
   """Per layer and timestep group: the list of recorded input values (min, max, sample)."""
   return _collect_activation_stats(module, params, _check_calibration(calib, num_timesteps),
-                                   config, num_timesteps)
+                                   config, num_timesteps)[0]
 
 
 def _collect_activation_stats(module, params, calib: List[CalibBatch], config: QuantConfig,
-                              num_timesteps: int) -> Dict[str, List[List[np.ndarray]]]:
-  """`collect_activation_stats` on already validated calibration batches."""
+                              num_timesteps: int):
+  """`collect_activation_stats` on already validated calibration batches, and each
+  layer's per-input-channel max |x| over all of them."""
 
   @jax.jit
   def observe(params, x, t):
@@ -167,6 +197,7 @@ def _collect_activation_stats(module, params, calib: List[CalibBatch], config: Q
     return state[STATS_COLLECTION]
 
   stats: Dict[str, List[List[np.ndarray]]] = {}
+  channel_absmax: Dict[str, np.ndarray] = {}
   for x, t in calib:
     g = 0 if t is None else int(time_group(t, num_timesteps, config.time_groups))
     rec = jax.tree.map(to_host, observe(params, x, t))
@@ -174,9 +205,10 @@ def _collect_activation_stats(module, params, calib: List[CalibBatch], config: Q
     for key, calls in flat.items():
       path = "/".join(key[:-1])
       groups = stats.setdefault(path, [[] for _ in range(config.time_groups)])
-      for lo, hi, sample in calls:
+      for lo, hi, sample, chan in calls:
         groups[g].append(np.concatenate([[lo, hi], np.asarray(sample)]))
-  return stats
+        channel_absmax[path] = np.maximum(channel_absmax.get(path, 0.0), np.asarray(chan))
+  return stats, channel_absmax
 
 
 @functools.partial(jax.jit, static_argnames=("name", "bits", "symmetric", "p"))
@@ -206,18 +238,31 @@ def fit_activation_ranges(stats, specs: Mapping[str, LayerSpec], config: QuantCo
   return ranges
 
 
-def quantize_model(module: nn.Module, params: Params, calib: Iterable[CalibBatch],
-                   config: QuantConfig, num_timesteps: int = 1000) -> QuantizedModel:
-  """Post-training quantization of `module` (called as `module.apply(v, x, t)`).
+def _bias_corrections(module, variables, specs, config: QuantConfig, calib,
+                      num_timesteps: int) -> Dict[str, jax.Array]:
+  """Per quantized layer: its mean output error per output channel over the calibration
+  batches, each layer fed the float model's own activations."""
 
-  Args:
-    module: a Flax Linen module; its Dense/Conv layers are quantized by interception.
-    params: the float `params` collection.
-    calib: (x, t) calibration batches, t a scalar timestep (None for models without t).
-    config: what to quantize.
-    num_timesteps: the diffusion T, used to map t to its activation-range group.
-  """
-  calib = _check_calibration(calib, num_timesteps)
+  @jax.jit
+  def errors(variables, x, t):
+    group = 0 if t is None else time_group(t, num_timesteps, config.time_groups)
+    with nn.intercept_methods(error_interceptor(specs, config, group)):
+      _, state = _call(module, variables, x, t, mutable=[STATS_COLLECTION])
+    return state[STATS_COLLECTION]
+
+  sums: Dict[str, Any] = {}
+  for x, t in calib:
+    flat = traverse_util.flatten_dict(errors(variables, x, t),
+                                      is_leaf=lambda k, v: isinstance(v, tuple))
+    for key, calls in flat.items():
+      path = "/".join(key[:-1])
+      n, total = sums.get(path, (0, 0.0))
+      sums[path] = (n + len(calls), total + sum(calls))
+  return {path: (total / n).astype(jnp.float32) for path, (n, total) in sums.items()}
+
+
+def _layer_specs(module, params, calib, config: QuantConfig):
+  """The selected layers' specs (output width and low-rank cap filled in) and kernels."""
   x0, t0 = calib[0]
   layers = list_layers(module, {"params": params}, *((x0,) if t0 is None else (x0, t0)))
   specs = select_layers(layers, config)
@@ -228,20 +273,57 @@ def quantize_model(module: nn.Module, params: Params, calib: Iterable[CalibBatch
   kernels = {path: flat[f"{path}/kernel"] for path in specs}
   for path, kernel in kernels.items():
     observers.check_calibration_data(kernel, f"weight of layer {path}")
-    specs[path] = dataclasses.replace(specs[path], out_features=int(kernel.shape[-1]))
+    k, n = int(np.prod(kernel.shape[:-1])), int(kernel.shape[-1])
+    # The float branch stays small next to the layer: rank <= min(K, N) / LOW_RANK_CAP.
+    specs[path] = dataclasses.replace(
+        specs[path], out_features=n, low_rank=min(config.low_rank, min(k, n) // LOW_RANK_CAP),
+        group_size=groupwise.fit_group(k, config.group_size) if config.group_size else 0)
+  return specs, kernels, flat
+
+
+def quantize_model(module: nn.Module, params: Params, calib: Iterable[CalibBatch],
+                   config: QuantConfig, num_timesteps: int = 1000) -> QuantizedModel:
+  """Post-training quantization of `module` (called as `module.apply(v, x, t)`).
+
+  Args:
+    module: a Flax Linen module; its Dense/Conv layers are quantized by interception.
+    params: the float `params` collection.
+    calib: (x, t) calibration batches, t a scalar timestep (None for models without t).
+    config: what to quantize (bits, observers, ranges per timestep group, or the
+      group-wise / SmoothQuant / low-rank / bias-correction options).
+    num_timesteps: the diffusion T, used to map t to its activation-range group.
+  Returns:
+    A QuantizedModel: `apply_fn("fake" | "int")`, `variables`, `memory_report`.
+  """
+  calib = _check_calibration(calib, num_timesteps)
+  specs, kernels, flat = _layer_specs(module, params, calib, config)
+  static = not config.a_dynamic and not config.group_size
+  if static or config.smooth_alpha:
+    stats, channel_absmax = _collect_activation_stats(module, params, calib, config,
+                                                      num_timesteps)
+  smooth = ({p: groupwise.smooth_scales(jnp.asarray(channel_absmax[p]), kernels[p],
+                                        config.smooth_alpha) for p in specs}
+            if config.smooth_alpha else {})
   # One compiled program for all layers (eager per-layer ops would compile per shape).
   quant: Dict[str, Any] = jax.jit(
-      lambda ks: {p: quantize_weight(k, specs[p], config) for p, k in ks.items()})(kernels)
-  if not config.a_dynamic:
-    stats = _collect_activation_stats(module, params, calib, config, num_timesteps)
+      lambda ks, sm: {p: quantize_weight(k, specs[p], config, sm.get(p))
+                      for p, k in ks.items()})(kernels, smooth)
+  if static:
     for path, r in fit_activation_ranges(stats, specs, config).items():
       quant[path].update(r)
+  variables = {"params": params, QUANT_COLLECTION: _unflatten(quant)}
+  if config.bias_correction:
+    for path, c in _bias_corrections(module, variables, specs, config, calib,
+                                     num_timesteps).items():
+      quant[path]["bias_corr"] = c
   kept = {k: v for k, v in flat.items() if k.rsplit("/", 1)[0] not in specs
           or not k.endswith("/kernel")}
-  variables = {
-      "params": traverse_util.unflatten_dict(kept, sep="/"),
-      QUANT_COLLECTION: traverse_util.unflatten_dict(
-          {f"{p}/{n}": a for p, d in quant.items() for n, a in d.items()}, sep="/"),
-  }
+  variables = {"params": traverse_util.unflatten_dict(kept, sep="/"),
+               QUANT_COLLECTION: _unflatten(quant)}
   return QuantizedModel(module=module, variables=variables, specs=specs, config=config,
                         num_timesteps=num_timesteps)
+
+
+def _unflatten(quant: Dict[str, Dict[str, Any]]):
+  return traverse_util.unflatten_dict({f"{p}/{n}": a for p, d in quant.items()
+                                       for n, a in d.items()}, sep="/")
