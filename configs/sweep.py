@@ -21,6 +21,7 @@ def get_config():
   c.fd_data = "digits"
   c.fd_data_seed = 1000                   # colors of the real-data reference set
   c.ablation_settings = "W4A8,W4A4"
+  c.ablations = "tcec,same_input,one_shot,per_tensor,no_intercept,ehat"  # sweep.ABLATIONS
   c.calib_sizes = "8,32,256"
   c.quant = presets.quant_defaults()   # tac_jax/quant/presets.py: shared with the sweep
   return c

@@ -11,7 +11,7 @@ import numpy as np
 
 from tac_jax import checkpoint, errors, metrics, quant
 from tac_jax.diffusion import make_schedule, samplers
-from tac_jax.pipeline import seed_noise
+from tac_jax.stages import seed_noise
 
 
 def main():

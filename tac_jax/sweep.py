@@ -38,14 +38,18 @@ from tac_jax.pipeline import parse_list
 from tac_jax.quant import presets
 from tac_jax.stages import SETTINGS, Compiled, FloatReference, FrechetReference, Memo, Progress
 
-# Ablations: name -> FitConfig (or a calibration-size / step-count change of `tcec`).
+# Ablations of the fit: config name -> (report label, FitConfig). Calibration sizes and
+# calibrating at another step count are ablations too (`calib_sizes`, the samplers).
 ABLATIONS = {
-    "tcec (cumulative, sequential, per channel, intercept)": errors.VARIANTS["tcec"],
-    "same-input target": dataclasses.replace(errors.VARIANTS["tcec"], target="same_input"),
-    "one-shot (not sequential)": dataclasses.replace(errors.VARIANTS["tcec"], sequential=False),
-    "per tensor": dataclasses.replace(errors.VARIANTS["tcec"], per_channel=False),
-    "no intercept": dataclasses.replace(errors.VARIANTS["tcec"], intercept=False),
-    "+ e_hat regressor": errors.VARIANTS["tcec_ehat"],
+    "tcec": ("tcec (cumulative, sequential, per channel, intercept)", errors.VARIANTS["tcec"]),
+    "same_input": ("same-input target",
+                   dataclasses.replace(errors.VARIANTS["tcec"], target="same_input")),
+    "one_shot": ("one-shot (not sequential)",
+                 dataclasses.replace(errors.VARIANTS["tcec"], sequential=False)),
+    "per_tensor": ("per tensor", dataclasses.replace(errors.VARIANTS["tcec"], per_channel=False)),
+    "no_intercept": ("no intercept",
+                     dataclasses.replace(errors.VARIANTS["tcec"], intercept=False)),
+    "ehat": ("+ e_hat regressor", errors.VARIANTS["tcec_ehat"]),
 }
 
 
@@ -77,6 +81,7 @@ class SweepSpec:
   seeds: Tuple[int, ...]
   ptq_options: Tuple[str, ...]
   ablation_settings: Tuple[str, ...]
+  ablations: Tuple[str, ...]
   fd_methods: Tuple[str, ...]
   calib_sizes: Tuple[int, ...]
 
@@ -104,6 +109,8 @@ def validate(cfg: ml_collections.ConfigDict) -> SweepSpec:
       seeds=tuple(int(s) for s in parse_list(str(cfg.seeds), None, "seed")),
       ptq_options=tuple(options),
       ablation_settings=tuple(parse_list(cfg.ablation_settings, SETTINGS, "setting")),
+      ablations=tuple(parse_list(cfg.get("ablations", ",".join(ABLATIONS)), ABLATIONS,
+                                 "ablation")),
       fd_methods=tuple(fd_methods),
       calib_sizes=tuple(int(v) for v in parse_list(str(cfg.calib_sizes), None, "size")))
 
@@ -216,8 +223,9 @@ def _frechet(s: _Setup, qm, noise, setting: str, where) -> List[Dict[str, Any]]:
 def _ablations(s: _Setup, qm, noise, refs, setting: str, where) -> List[Dict[str, Any]]:
   ref, rows = s.spec.ref, []
   ev = lambda p, k: _evaluate(s, qm, noise, refs[ref], ref, p, where + (ref,) + k)
-  for name, fit in ABLATIONS.items():
-    rows.append((name, ev(_fit(s, qm, noise, ref, fit, where), (fit,))))
+  for name in s.spec.ablations:
+    label, fit = ABLATIONS[name]
+    rows.append((label, ev(_fit(s, qm, noise, ref, fit, where), (fit,))))
   for n in s.spec.calib_sizes:
     x_cal = jax.random.normal(jax.random.fold_in(noise.key_cal, 7), (n,) + s.model.shape)
     rows.append((f"calibration samples = {n}",

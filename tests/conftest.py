@@ -57,9 +57,10 @@ TINY_MAIN_FLAGS = ("--config.num_steps=3", "--config.num_calib=8", "--config.num
                    "--config.methods=none,tcec,tcec_safe", "--config.timing_repeats=0")
 TINY_SWEEP_FLAGS = ("--config.seeds=0", "--config.settings=W4A4", "--config.methods=none,tcec",
                     "--config.samplers=ddim2,ddim3", "--config.ref_sampler=ddim3",
-                    "--config.ptq_options=minmax,minmax_tg2", "--config.num_calib=8",
+                    "--config.ptq_options=minmax,svdquant_bc", "--config.num_calib=8",
                     "--config.num_eval=8", "--config.num_fd=16", "--config.fd_methods=none,tcec",
-                    "--config.ablation_settings=W4A4", "--config.calib_sizes=4")
+                    "--config.ablation_settings=W4A4", "--config.ablations=tcec,ehat",
+                    "--config.calib_sizes=4")
 
 
 @pytest.fixture(scope="session")

@@ -63,33 +63,28 @@ def test_sharded_sampling_and_calibration_match_single_device():
 
 
 PIPELINE_SCRIPT = textwrap.dedent("""
-    import sys, jax, numpy as np
+    import json, sys, jax, numpy as np
     sys.path.insert(0, "tests")
     from conftest import load_config
-    from tac_jax import checkpoint, pipeline
-    from tac_jax.models import UNetConfig, init_unet
+    from tac_jax import pipeline
 
     assert jax.device_count() == 4, jax.devices()
-    cfg = UNetConfig(sample_size=8, block_out_channels=(8, 16), attention_levels=(1,),
-                     attention_head_dim=16, norm_num_groups=4)
-    _, params = init_unet(cfg, jax.random.key(0))
-    d = sys.argv[1]
-    checkpoint.save_model(d + "/model", params, {"model": cfg.to_dict()})
+    model, single, out = sys.argv[1], sys.argv[2], sys.argv[3]
     config = load_config("quantize")
-    config.update(dict(checkpoint=d + "/model", num_steps=3, num_calib=8, num_eval=8,
-                       settings="W4A8", ptq="minmax", methods="none,tcec",
-                       int_path=False, timing_repeats=0))
-    runs = {}
-    for dp in (False, True):
-        config.data_parallel = dp
-        runs[dp] = pipeline.run(config, d + f"/dp{int(dp)}", verbose=dp)["runs"]
-    for a, b in zip(runs[False], runs[True]):
-        assert a["method"] == b["method"]
+    # The shared tiny run's config (tests/conftest.py), restricted to W4A4 and none / tcec.
+    config.update(dict(checkpoint=model, num_steps=3, num_calib=8, num_eval=8,
+                       settings="W4A4", ptq="minmax", methods="none,tcec",
+                       int_path=False, timing_repeats=0, data_parallel=True))
+    runs = pipeline.run(config, out + "/dp", verbose=True)["runs"]
+    with open(single) as f:
+        ref = {r["method"]: r for r in json.load(f)["runs"] if r["setting"] == "W4A4"}
+    for b in runs:
+        a = ref[b["method"]]
         np.testing.assert_allclose(b["psnr_fake"]["mean"], a["psnr_fake"]["mean"], atol=1e-2)
         np.testing.assert_allclose(b["error_rms_per_step"], a["error_rms_per_step"], rtol=1e-3)
     config.num_eval = 6
     try:
-        pipeline.run(config, d + "/bad", verbose=False)
+        pipeline.run(config, out + "/bad", verbose=False)
     except ValueError as e:
         assert "num_eval=6 does not divide over 4 devices" in str(e), e
     else:
@@ -98,10 +93,14 @@ PIPELINE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_main_job_data_parallel_matches_single_device(tmp_path):
+def test_main_job_data_parallel_matches_single_device(tiny_runs, tmp_path):
+  """The shared single-device tiny run, repeated with its seeds split over 4 devices."""
+  outdir, proc = tiny_runs["main"]
+  assert proc.returncode == 0, proc.stderr[-2000:]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT, str(tmp_path)],
+  proc = subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT, tiny_runs["model"],
+                         os.path.join(outdir, "results.json"), str(tmp_path)],
                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
   assert proc.returncode == 0 and "PIPELINE_SHARDED_OK" in proc.stdout, (
       proc.stdout[-2000:] + proc.stderr[-3000:])
