@@ -7,12 +7,14 @@ from tac_jax.quant import presets
 
 def get_config():
   c = ml_collections.ConfigDict()
+  c.model = ""                      # any Flax eps model: "package.module:factory" (README)
   c.checkpoint = ""                 # model directory; "" = the embedded default model
   c.seed = 0                        # calibration and evaluation noise derive from this
   c.sampler = "ddim"                # 'ddim' or 'ddpm'
   c.num_steps = 20
   c.eta = 0.0
-  c.spacing = "uniform"
+  c.spacing = "uniform"             # uniform, quadratic, leading, trailing (diffusers')
+  c.clip_sample = False             # clip the x0 estimate to [-1, 1] (diffusers' clip_sample)
   c.num_calib = 64                  # calibration seeds (PTQ ranges and TCEC fits)
   c.num_eval = 128                  # held-out evaluation seeds (also the FD sample sets)
   c.settings = "W8A8,W4A8,W4A4"

@@ -83,7 +83,10 @@ def validate(config: ml_collections.ConfigDict) -> JobSpec:
     safe = errors.SafeConfig(**(config.safe.to_dict() if "safe" in config else {}))
   except TypeError as e:
     raise ValueError(f"config.safe: {e}; fields are those of errors.SafeConfig.") from None
-  files.load_meta(config.checkpoint or ckpt_lib.default_model_dir())
+  if config.get("model", ""):
+    stages.resolve_factory(config.model)
+  else:
+    files.load_meta(config.checkpoint or ckpt_lib.default_model_dir())
   return JobSpec(tuple(settings), tuple(ptq), tuple(methods), default, safe)
 
 
@@ -105,11 +108,11 @@ class _Context:
 
 def set_up(config, job: JobSpec, log: Progress) -> _Context:
   """Model, sampler, seeds (sharded when data parallel) and the float reference."""
-  model = load_model(config.checkpoint)
+  model = load_model(config.checkpoint, config.get("model", ""))
   log(f"model {model.checkpoint}: {sum(x.size for x in jax.tree.leaves(model.params)):,} params, "
       f"{'x'.join(map(str, model.shape))}")
   sampler = samplers.make_sampler(config.sampler, model.schedule, config.num_steps, config.eta,
-                                  config.spacing)
+                                  config.spacing, config.get("clip_sample", False))
   noise = seed_noise(config.seed, config.num_calib, config.num_eval, model.shape)
   mesh = parallel.auto_mesh(config.get("data_parallel", True))
   if mesh is not None:  # data parallel: seeds split over devices, everything else replicated
@@ -172,6 +175,8 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
   mem = qm.memory_report(ctx.model.params)
   log(f"{tag}: PTQ done ({len(qm.specs)} layers, weights {mem['layers_float32'] / 1e6:.2f} MB"
       f" float -> {mem['layers_stored'] / 1e6:.2f} MB)")
+  if qm.float_layers:
+    log(f"{tag}: left in float: " + "; ".join(f"{p} ({why})" for p, why in qm.float_layers.items()))
   phi, prop = stages.analyse_propagation(ctx.jit, ctx.model, qm, ctx.noise)
   log(f"{tag}: propagation model: final error RMS {prop['measured_rms'][-1]:.4f}, closed "
       f"form corr {np.mean(prop['closed_form_corr'][1:]):.3f}")
@@ -181,6 +186,7 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
   log(f"{tag}: calibrated " + ", ".join(f"{m} {f.seconds:.1f}s" for m, f in fitted.items()
                                         if m != "none"))
   entries = [_method_entry(ctx, qm, setting, obs, m, fitted[m], mem) for m in job.methods]
+  entries[0]["float_layers"] = qm.float_layers
   entries[0]["propagation"] = {k: parallel.to_host(a).tolist() for k, a in prop.items()}
   by_method = {e["method"]: e for e in entries}
   if timed and ctx.config.timing_repeats > 0:

@@ -17,8 +17,11 @@ name, method or FitConfig, seed), never by object identity:
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
+import sys
 import time
-from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -66,33 +69,76 @@ class Memo:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
-  """A float noise model: Flax module, params, its diffusion schedule and description."""
+  """A float epsilon-prediction model: a Flax module called as
+  `module.apply({"params": params}, x, t)` with x [B, H, W, C] and t int32 [B], its
+  diffusion schedule, the image shape (H, W, C) and a description."""
   module: Any
   params: Any
   schedule: Schedule
   meta: Dict[str, Any]
   checkpoint: str
-
-  @property
-  def shape(self):
-    c = self.module.config
-    return (c.sample_size, c.sample_size, c.in_channels)
+  shape: Tuple[int, int, int]
 
   @property
   def channels(self) -> int:
-    return self.module.config.out_channels
+    return self.shape[-1]
 
   @property
   def variables(self):
     return {"params": self.params}
 
 
-def load_model(checkpoint: str = "") -> Model:
-  """A UNet checkpoint directory ("" = the shipped default model)."""
+def load_model(checkpoint: str = "", factory: str = "") -> Model:
+  """A UNet checkpoint directory ("" = the shipped default model), or any Flax model from
+  `factory` = "package.module:function" (see `model_from_factory`)."""
+  if factory:
+    return model_from_factory(factory)
   directory = checkpoint or ckpt_lib.default_model_dir()
   module, params, meta = ckpt_lib.load_model(directory)
   schedule = make_schedule(**meta.get("schedule", {}))  # make_schedule's defaults otherwise
-  return Model(module, params, schedule, meta, directory)
+  c = module.config
+  return Model(module, params, schedule, meta, directory,
+               (c.sample_size, c.sample_size, c.in_channels))
+
+
+def resolve_factory(spec: str) -> Callable[[], Any]:
+  """The function named by "package.module:function" (importable from the working
+  directory or sys.path), with errors that say what is wrong."""
+  mod_name, sep, fn_name = spec.partition(":")
+  if not sep or not mod_name or not fn_name:
+    raise ValueError(f"model factory {spec!r}: write it as package.module:function.")
+  if os.getcwd() not in sys.path:   # launchers run with experiments/ as sys.path[0]
+    sys.path.append(os.getcwd())
+  try:
+    mod = importlib.import_module(mod_name)
+  except ImportError as e:
+    raise ValueError(f"model factory {spec!r}: cannot import {mod_name} ({e}); run from the "
+                     "folder that holds it or add it to PYTHONPATH.") from None
+  fn = getattr(mod, fn_name, None)
+  if not callable(fn):
+    raise ValueError(f"model factory {spec!r}: {mod_name} has no function {fn_name}.")
+  return fn
+
+
+def model_from_factory(spec: str) -> Model:
+  """Calls the factory, which returns (module, params, schedule, shape): a Flax module
+  called as `module.apply({"params": params}, x, t)` (x [B, H, W, C], t int32 [B]) that
+  predicts the noise, its float params, the make_schedule(...) keyword dict of its
+  training schedule, and the image shape (H, W, C)."""
+  out = resolve_factory(spec)()
+  if not isinstance(out, tuple) or len(out) != 4:
+    raise ValueError(f"model factory {spec!r} must return (module, params, schedule dict, "
+                     f"(H, W, C)), got {type(out).__name__}.")
+  module, params, schedule, shape = out
+  shape = tuple(int(v) for v in shape)
+  if len(shape) != 3:
+    raise ValueError(f"model factory {spec!r}: the image shape must be (H, W, C), got {shape}.")
+  x = jnp.zeros((1,) + shape)
+  y = jax.eval_shape(lambda p: module.apply({"params": p}, x, jnp.zeros((1,), jnp.int32)), params)
+  if y.shape != x.shape:
+    raise ValueError(f"model factory {spec!r}: the model maps {x.shape} to {y.shape}; an "
+                     "epsilon-prediction model returns its input's shape.")
+  return Model(module, params, make_schedule(**dict(schedule)), {"factory": spec}, spec, shape)
 
 
 class Noise(NamedTuple):

@@ -102,7 +102,10 @@ def validate(cfg: ml_collections.ConfigDict) -> SweepSpec:
   if cfg.num_calib < 1 or cfg.num_eval < 1:
     raise ValueError("num_calib and num_eval must be >= 1.")
   presets.quant_config(cfg.quant, 8, 8, ptq_option(options[0])[0])
-  files.load_meta(cfg.checkpoint or stages.ckpt_lib.default_model_dir())
+  if cfg.get("model", ""):
+    stages.resolve_factory(cfg.model)
+  else:
+    files.load_meta(cfg.checkpoint or stages.ckpt_lib.default_model_dir())
   return SweepSpec(
       settings=tuple(parse_list(cfg.settings, SETTINGS, "setting")), methods=tuple(methods),
       samplers=tuple(names), ref=cfg.ref_sampler,
@@ -241,7 +244,7 @@ def _ablations(s: _Setup, qm, noise, refs, setting: str, where) -> List[Dict[str
 
 
 def _set_up(cfg, spec: SweepSpec, log: Progress) -> _Setup:
-  model = stages.load_model(cfg.checkpoint)
+  model = stages.load_model(cfg.checkpoint, cfg.get("model", ""))
   compiled = {}
   for name in spec.samplers:
     kind, steps = parse_sampler(name)

@@ -202,3 +202,30 @@ def test_diffusers_spacings():
   # A cosine schedule's first DDIM step from t = 999 divides by sqrt(abar) ~ 0; leading does not.
   sched = schedules.make_schedule("cosine", 1000)
   assert samplers.ddim(sched, 20).coeffs.a[0] > 50 * samplers.ddim(sched, 20, spacing="leading").coeffs.a[0]
+
+
+def test_clip_sample_matches_diffusers_and_is_affine_where_inactive():
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  sched = schedules.make_schedule("linear", 1000)
+  ours = samplers.ddim(sched, 20, spacing="leading", clip_sample=True)
+  ref = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                clip_sample=True, set_alpha_to_one=True, steps_offset=0,
+                                timestep_spacing="leading")
+  ref.set_timesteps(20)
+  np.testing.assert_array_equal(np.asarray(ours.coeffs.t), ref.timesteps.numpy())
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3)) * 1.5
+  eps = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
+  state = ours.init(x, jax.random.key(2))
+  for i in (0, 10, 19):   # an early step clips the x0 estimate hard, the last lands on x0
+    t = int(ours.coeffs.t[i])
+    want = ref.step(torch.tensor(np.asarray(eps)), t, torch.tensor(np.asarray(x)),
+                    eta=0.0).prev_sample.numpy()
+    np.testing.assert_allclose(ours.step(state, eps, i).x, want, rtol=1e-4, atol=1e-4)
+  # Where |x0| <= 1 the clipped step is the affine one (what the error model uses).
+  ab = float(sched.alphas_cumprod[int(ours.coeffs.t[5])])
+  x_small = np.sqrt(ab) * 0.9 * jnp.tanh(x) + np.sqrt(1 - ab) * eps   # its x0 is in (-1, 1)
+  for s in (samplers.ddim, samplers.ddpm):
+    a = s(sched, 20, spacing="leading", clip_sample=True).step(state._replace(x=x_small), eps, 5)
+    b = s(sched, 20, spacing="leading").step(state._replace(x=x_small), eps, 5)
+    np.testing.assert_allclose(a.x, b.x, rtol=1e-5, atol=1e-5)

@@ -81,9 +81,11 @@ def test_linear_model_propagation_is_exact(sampler_name):
   assert rep["measured_rms"][-1] > 1e-2  # there is error to explain
 
 
-@pytest.mark.parametrize("sampler_name", ["ddim", "ddpm"])
-def test_tcec_removes_channelwise_affine_error(sampler_name):
-  sampler = samplers.make_sampler(sampler_name, SCHED, 10)
+@pytest.mark.parametrize("sampler_name,clip", [("ddim", False), ("ddpm", False), ("ddim", True)])
+def test_tcec_removes_channelwise_affine_error(sampler_name, clip):
+  """Also with clip_sample, where the step is not affine: once the corrected output equals
+  the float one, the clipped trajectories coincide too."""
+  sampler = samplers.make_sampler(sampler_name, SCHED, 10, clip_sample=clip)
   params = jax.jit(lambda x: errors.calibrate(linear_eps, VARS, affine_error_eps, VARS, sampler, x,
                                               jax.random.key(1), "tcec"))(_noise(0))
   x_new, key = _noise(7), jax.random.key(9)
@@ -93,6 +95,10 @@ def test_tcec_removes_channelwise_affine_error(sampler_name):
   err_tcec = float(jnp.sqrt(jnp.mean((run(errors.compensate(sampler, params)) - x_fp) ** 2)))
   assert err_plain > 1e-2
   assert err_tcec < 1e-4 * max(1.0, float(jnp.sqrt(jnp.mean(x_fp ** 2))))
+  if clip:   # the clip was active on this toy
+    unclipped = samplers.make_sampler(sampler_name, SCHED, 10)
+    assert float(jnp.max(jnp.abs(samplers.sample(linear_eps, VARS, unclipped, x_new, key)[0].x
+                                 - x_fp))) > 1e-3
 
 
 def _python_loop_calibration(sampler, x_T, key, fit):

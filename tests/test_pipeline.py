@@ -108,3 +108,20 @@ def test_overhead_measurement_reports_side_by_side_ratios():
   assert t["plain_s"] > 0 and t["compensated_s"] > 0 and t["compensation_ops_s"] > 0
   assert t["overhead_ab"] == pytest.approx(t["compensated_s"] / t["plain_s"] - 1)
   assert t["overhead_ops"] == pytest.approx(t["compensation_ops_s"] / t["plain_s"])
+
+
+def test_main_job_runs_a_model_from_a_factory(tmp_path):
+  """Any Flax eps model (examples/own_model.py, not a UNet) through the main job."""
+  cfg = load_config("quantize")
+  cfg.update(dict(model="examples.own_model:make", num_steps=2, num_calib=4, num_eval=4,
+                  settings="W8A8", methods="none,tcec", timing_repeats=0))
+  res = pipeline.run(cfg, str(tmp_path / "run"), verbose=False)
+  psnr = {r["method"]: r["psnr_fake"]["mean"] for r in res["runs"]}
+  assert set(psnr) == {"none", "tcec"} and all(v == v for v in psnr.values())
+  assert res["runs"][0]["memory_bytes"]["layers_float32"] > 0
+  for spec, match in (("examples.own_model", "package.module:function"),
+                      ("examples.nope:make", "cannot import"),
+                      ("examples.own_model:nope", "has no function")):
+    cfg.model = spec
+    with pytest.raises(ValueError, match=match):
+      pipeline.run(cfg, str(tmp_path / "bad"), verbose=False)

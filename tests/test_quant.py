@@ -220,3 +220,20 @@ def test_bad_inputs_have_clear_errors():
   with pytest.raises(ValueError, match=r"timestep 1000 outside the schedule \[0, 999\]"):
     quant.quantize_model(model, params, [(jnp.ones((2, 16)), 1000)], quant.QuantConfig(),
                          num_timesteps=1000)
+
+
+def test_layers_left_in_float_are_listed_with_the_reason():
+  class WithTranspose(nn.Module):
+    @nn.compact
+    def __call__(self, x, t=None):
+      x = nn.Conv(8, (3, 3), name="conv")(x)
+      x = nn.ConvTranspose(8, (2, 2), strides=(2, 2), name="up")(x)
+      return nn.Conv(3, (3, 3), name="skip_me")(x)
+
+  model = WithTranspose()
+  x = jax.random.normal(_key(3), (2, 6, 6, 3))
+  params = model.init(_key(4), x)["params"]
+  qm = quant.quantize_model(model, params, [(x, None)], quant.QuantConfig(exclude="^skip_me$"))
+  assert set(qm.specs) == {"conv"}
+  assert qm.float_layers == {"up": "not a Dense or Conv layer (left in float)",
+                             "skip_me": "excluded by QuantConfig.include / exclude"}

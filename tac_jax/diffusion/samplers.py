@@ -132,12 +132,67 @@ def ddpm_coeffs(schedule: Schedule, num_steps: int, spacing: str = "uniform") ->
   return _coeffs(ts, a, b, sigma)
 
 
-def ddim(schedule: Schedule, num_steps: int, eta: float = 0.0, spacing: str = "uniform") -> Sampler:
-  return affine_sampler(ddim_coeffs(schedule, num_steps, eta, spacing))
+class ClipCoeffs(NamedTuple):
+  """A step written through the x0 estimate, for clip_sample (diffusers' option):
+
+      x0 = p x + q eps,   x_prev = u clip(x0, -1, 1) + v x + w eps (+ sigma z),
+
+  with u p + v = a and u q + w = b, so the step is the affine one while |x0| <= 1.
+  """
+  p: jax.Array
+  q: jax.Array
+  u: jax.Array
+  v: jax.Array
+  w: jax.Array
 
 
-def ddpm(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> Sampler:
-  return affine_sampler(ddpm_coeffs(schedule, num_steps, spacing))
+def clipped_sampler(coeffs: StepCoeffs, clip: ClipCoeffs, clip_range: float = 1.0) -> Sampler:
+  """The sampler whose x0 estimate is clipped to [-clip_range, clip_range] at every step.
+  Not affine where the clip is active: `coeffs` (a, b) describe it where it is not, which
+  is what the error model and the compensators use (README: "clip_sample")."""
+  plain = affine_sampler(coeffs)
+  stochastic = coeffs.stochastic
+
+  def step(state, eps, i, noise_scale=1.0):
+    x0 = jnp.clip(clip.p[i] * state.x + clip.q[i] * eps, -clip_range, clip_range)
+    x = clip.u[i] * x0 + clip.v[i] * state.x + clip.w[i] * eps
+    if stochastic:
+      x = x + noise_scale * coeffs.sigma[i] * step_noise(state.key, i, x.shape, x.dtype)
+    return SamplerState(x=x, key=state.key)
+
+  return plain._replace(step=step)
+
+
+def _clip_coeffs(ab, ab_prev, u, v, w) -> ClipCoeffs:
+  f32 = lambda z: jnp.asarray(np.asarray(z, np.float64), jnp.float32)
+  return ClipCoeffs(p=f32(1 / np.sqrt(ab)), q=f32(-np.sqrt(1 - ab) / np.sqrt(ab)), u=f32(u),
+                    v=f32(v), w=f32(w))
+
+
+def ddim(schedule: Schedule, num_steps: int, eta: float = 0.0, spacing: str = "uniform",
+         clip_sample: bool = False) -> Sampler:
+  """DDIM; `clip_sample` clips the x0 estimate to [-1, 1] (diffusers' DDIMScheduler)."""
+  coeffs = ddim_coeffs(schedule, num_steps, eta, spacing)
+  if not clip_sample:
+    return affine_sampler(coeffs)
+  _, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing)
+  sigma = np.asarray(coeffs.sigma, np.float64)
+  direction = np.sqrt(np.maximum(1 - ab_prev - sigma ** 2, 0.0))
+  return clipped_sampler(coeffs, _clip_coeffs(ab, ab_prev, np.sqrt(ab_prev), 0 * ab, direction))
+
+
+def ddpm(schedule: Schedule, num_steps: int, spacing: str = "uniform",
+         clip_sample: bool = False) -> Sampler:
+  """DDPM; `clip_sample` clips the x0 estimate to [-1, 1] and steps to the posterior mean
+  of the clipped estimate (diffusers' DDPMScheduler)."""
+  coeffs = ddpm_coeffs(schedule, num_steps, spacing)
+  if not clip_sample:
+    return affine_sampler(coeffs)
+  _, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing)
+  alpha = ab / ab_prev
+  c0 = np.sqrt(ab_prev) * (1 - alpha) / (1 - ab)
+  ct = np.sqrt(alpha) * (1 - ab_prev) / (1 - ab)
+  return clipped_sampler(coeffs, _clip_coeffs(ab, ab_prev, c0, ct, 0 * ab))
 
 
 SAMPLERS = ("ddim", "ddpm")
@@ -161,12 +216,12 @@ def check_sampler_args(name: str, num_steps: int, eta: float = 0.0,
 
 
 def make_sampler(name: str, schedule: Schedule, num_steps: int, eta: float = 0.0,
-                 spacing: str = "uniform") -> Sampler:
+                 spacing: str = "uniform", clip_sample: bool = False) -> Sampler:
   check_sampler_args(name, num_steps, eta, spacing)
   if name == "ddim":
-    return ddim(schedule, num_steps, eta, spacing)
+    return ddim(schedule, num_steps, eta, spacing, clip_sample)
   if name == "ddpm":
-    return ddpm(schedule, num_steps, spacing)
+    return ddpm(schedule, num_steps, spacing, clip_sample)
   raise ValueError(f"unknown sampler {name!r}; choose 'ddim' or 'ddpm'.")
 
 

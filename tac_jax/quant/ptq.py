@@ -36,7 +36,12 @@ CalibBatch = Tuple[jax.Array, Any]  # (x, t); t is a scalar timestep (or None)
 
 
 def _call(module, variables, x, t, **kw):
-  return module.apply(variables, x, **kw) if t is None else module.apply(variables, x, t, **kw)
+  """The model on one calibration batch; a scalar timestep is passed as an int32 [B]
+  array, the convention the samplers use (one convention for a user's model)."""
+  if t is None:
+    return module.apply(variables, x, **kw)
+  return module.apply(variables, x, jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],)),
+                      **kw)
 
 
 def select_layers(layers: Mapping[str, str], config: QuantConfig) -> Dict[str, LayerSpec]:
@@ -97,6 +102,7 @@ class QuantizedModel:
   specs: Mapping[str, LayerSpec]
   config: QuantConfig
   num_timesteps: int
+  float_reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   def apply_fn(self, mode: str = "fake") -> Callable:
     """Pure `apply(variables, x, t)` for `mode` in {'fake', 'int'}.
@@ -110,6 +116,18 @@ class QuantizedModel:
     c = self.config
     return QuantizedApply(self.module, tuple(sorted(self.specs.items())), c.a_dynamic,
                           c.time_groups, self.num_timesteps, mode)
+
+  @property
+  def float_layers(self) -> Dict[str, str]:
+    """Layers with a kernel that stay in float, and why (excluded by the config, or a
+    layer type the injection does not quantize, e.g. nn.ConvTranspose)."""
+    flat = traverse_util.flatten_dict(self.variables["params"], sep="/")
+    out = {}
+    for key in flat:
+      path, _, leaf = key.rpartition("/")
+      if leaf == "kernel" and path not in self.specs:
+        out[path] = self.float_reasons.get(path, "not a Dense or Conv layer (left in float)")
+    return out
 
   def __call__(self, x, t=None, mode: str = "fake"):
     return _jitted_apply(self.apply_fn(mode), self.variables, x, t)
@@ -264,8 +282,10 @@ def _bias_corrections(module, variables, specs, config: QuantConfig, calib,
 def _layer_specs(module, params, calib, config: QuantConfig):
   """The selected layers' specs (output width and low-rank cap filled in) and kernels."""
   x0, t0 = calib[0]
-  layers = list_layers(module, {"params": params}, *((x0,) if t0 is None else (x0, t0)))
+  args = (x0,) if t0 is None else (x0, jnp.full((x0.shape[0],), t0, jnp.int32))
+  layers = list_layers(module, {"params": params}, *args)
   specs = select_layers(layers, config)
+  excluded = {p: "excluded by QuantConfig.include / exclude" for p in layers if p not in specs}
   if not specs:
     raise ValueError(f"QuantConfig selects none of the model's layers {sorted(layers)}; "
                      "check include/exclude.")
@@ -278,7 +298,7 @@ def _layer_specs(module, params, calib, config: QuantConfig):
     specs[path] = dataclasses.replace(
         specs[path], out_features=n, low_rank=min(config.low_rank, min(k, n) // LOW_RANK_CAP),
         group_size=groupwise.fit_group(k, config.group_size) if config.group_size else 0)
-  return specs, kernels, flat
+  return specs, kernels, flat, excluded
 
 
 def quantize_model(module: nn.Module, params: Params, calib: Iterable[CalibBatch],
@@ -296,7 +316,7 @@ def quantize_model(module: nn.Module, params: Params, calib: Iterable[CalibBatch
     A QuantizedModel: `apply_fn("fake" | "int")`, `variables`, `memory_report`.
   """
   calib = _check_calibration(calib, num_timesteps)
-  specs, kernels, flat = _layer_specs(module, params, calib, config)
+  specs, kernels, flat, excluded = _layer_specs(module, params, calib, config)
   static = not config.a_dynamic and not config.group_size
   if static or config.smooth_alpha:
     stats, channel_absmax = _collect_activation_stats(module, params, calib, config,
@@ -321,7 +341,7 @@ def quantize_model(module: nn.Module, params: Params, calib: Iterable[CalibBatch
   variables = {"params": traverse_util.unflatten_dict(kept, sep="/"),
                QUANT_COLLECTION: _unflatten(quant)}
   return QuantizedModel(module=module, variables=variables, specs=specs, config=config,
-                        num_timesteps=num_timesteps)
+                        num_timesteps=num_timesteps, float_reasons=excluded)
 
 
 def _unflatten(quant: Dict[str, Dict[str, Any]]):
