@@ -60,8 +60,18 @@ def _main_row(r: Dict[str, Any], base_psnr: float, has_fd: bool) -> List[str]:
   cells += [f"{r['psnr_int']['mean']:.2f}" if "psnr_int" in r else "-",
             "-" if plain else f"{r['calibration_s']:.1f}",
             f"{100 * t['overhead_ab']:+.2f}%, {100 * t['overhead_ops']:.3f}%" if t else "-",
-            f"{mem['layers_float32'] / 1e6:.2f} -> {mem['layers_stored'] / 1e6:.2f}"]
+            _weights_cell(mem)]
   return cells
+
+
+def _weights_cell(mem: Dict[str, int]) -> str:
+  """float -> stored integer weights (+ scales etc., + the float low-rank branch), MB."""
+  cell = f"{mem['layers_float32'] / 1e6:.2f} -> {mem['layers_stored'] / 1e6:.2f}"
+  if mem.get("layers_overhead"):
+    cell += f" + {mem['layers_overhead'] / 1e6:.2f} scales"
+  if mem.get("low_rank_float32"):
+    cell += f" + {mem['low_rank_float32'] / 1e6:.2f} low-rank"
+  return cell
 
 
 def results_table(results: Dict[str, Any]) -> str:

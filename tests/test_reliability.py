@@ -1,7 +1,6 @@
 """Reliability: nothing half-written, nothing silently corrupt, bad input fails early and
 clearly. One test per fault found by probing the library as a hostile user would."""
 
-import json
 import os
 import shutil
 import signal
