@@ -77,7 +77,8 @@ def validate(config: ml_collections.ConfigDict) -> JobSpec:
     default = methods[-1]
   if config.num_calib < 1 or config.num_eval < 1:
     raise ValueError("num_calib and num_eval must be >= 1.")
-  samplers.check_sampler_args(config.sampler, config.num_steps, config.eta, config.spacing)
+  samplers.check_sampler_args(config.sampler, config.num_steps, config.eta, config.spacing,
+                              **sampler_options(config))
   presets.quant_config(config.quant, 8, 8, ptq[0])   # unknown / bits fields
   try:
     safe = errors.SafeConfig(**(config.safe.to_dict() if "safe" in config else {}))
@@ -106,13 +107,22 @@ class _Context:
   samples: Dict[Any, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
+SAMPLER_OPTIONS = {"clip_sample": False, "thresholding": 0.0, "sample_max_value": 1.0,
+                   "steps_offset": 0}
+
+
+def sampler_options(config) -> Dict[str, Any]:
+  """The config's diffusers-style sampler options (older configs may lack them)."""
+  return {k: config.get(k, v) for k, v in SAMPLER_OPTIONS.items()}
+
+
 def set_up(config, job: JobSpec, log: Progress) -> _Context:
   """Model, sampler, seeds (sharded when data parallel) and the float reference."""
   model = load_model(config.checkpoint, config.get("model", ""))
   log(f"model {model.checkpoint}: {sum(x.size for x in jax.tree.leaves(model.params)):,} params, "
       f"{'x'.join(map(str, model.shape))}")
   sampler = samplers.make_sampler(config.sampler, model.schedule, config.num_steps, config.eta,
-                                  config.spacing, config.get("clip_sample", False))
+                                  config.spacing, **sampler_options(config))
   noise = seed_noise(config.seed, config.num_calib, config.num_eval, model.shape)
   mesh = parallel.auto_mesh(config.get("data_parallel", True))
   if mesh is not None:  # data parallel: seeds split over devices, everything else replicated
@@ -125,6 +135,12 @@ def set_up(config, job: JobSpec, log: Progress) -> _Context:
     model = dataclasses.replace(model, params=parallel.replicate(model.params, mesh))
     log(f"data parallel over {n} devices ({jax.process_count()} process(es)): "
         f"{config.num_calib // n} calibration + {config.num_eval // n} evaluation seeds each")
+  if not sampler.affine and config.get("linearise", True):
+    affine_a = np.asarray(sampler.coeffs.a)
+    sampler = samplers.linearise(sampler, model.module.apply, model.variables, noise.x_cal,
+                                 noise.key_cal)
+    log("x0 bound: the error model uses the step's mean derivatives, a_i x " +
+        " ".join(f"{r:.2f}" for r in np.asarray(sampler.coeffs.a) / affine_a))
   jit = Compiled(model, sampler)
   ref = stages.float_reference(jit, model, noise.x_eval, noise.key_eval)
   calib = stages.calibration_batches(jit, model, noise)

@@ -229,3 +229,77 @@ def test_clip_sample_matches_diffusers_and_is_affine_where_inactive():
     a = s(sched, 20, spacing="leading", clip_sample=True).step(state._replace(x=x_small), eps, 5)
     b = s(sched, 20, spacing="leading").step(state._replace(x=x_small), eps, 5)
     np.testing.assert_allclose(a.x, b.x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spacing,offset", [("linspace", 0), ("leading", 0), ("leading", 1),
+                                            ("trailing", 0)])
+def test_spacings_and_steps_match_diffusers(spacing, offset, monkeypatch):
+  """Timesteps for 20 and 7 of 1000, and one DDPM step (noise zeroed on both sides) with
+  each x0 rule, equal diffusers' DDPMScheduler; DDIM's timesteps equal DDIMScheduler's."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from diffusers.schedulers import scheduling_ddpm
+  sched = schedules.make_schedule("linear", 1000)
+  kw = dict(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing=spacing,
+            steps_offset=offset)
+  for n in (20, 7):
+    ddim_ref = diffusers.DDIMScheduler(**kw)
+    ddim_ref.set_timesteps(n)
+    ours = samplers.ddim(sched, n, spacing=spacing, steps_offset=offset)
+    np.testing.assert_array_equal(np.asarray(ours.coeffs.t), ddim_ref.timesteps.numpy())
+  monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **_: torch.zeros(shape))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1)) * 1.5
+  eps = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  for rule in (dict(), dict(clip_sample=True), dict(thresholding=0.9, sample_max_value=1.3)):
+    ref = diffusers.DDPMScheduler(**kw, clip_sample=rule.get("clip_sample", False),
+                                  thresholding=rule.get("thresholding", 0) > 0,
+                                  dynamic_thresholding_ratio=rule.get("thresholding", 0.995),
+                                  sample_max_value=rule.get("sample_max_value", 1.0))
+    ref.set_timesteps(20)
+    ours = samplers.make_sampler("ddpm", sched, 20, spacing=spacing, steps_offset=offset, **rule)
+    np.testing.assert_array_equal(np.asarray(ours.coeffs.t), ref.timesteps.numpy())
+    state = ours.init(x, jax.random.key(2))
+    for i in (0, 12, 19):
+      t = int(ours.coeffs.t[i])
+      want = ref.step(torch.tensor(np.asarray(eps)).permute(0, 3, 1, 2), t,
+                      torch.tensor(np.asarray(x)).permute(0, 3, 1, 2)).prev_sample
+      got = ours.step(state, eps, i, noise_scale=0.0).x
+      np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_thresholding_bounds_a_badly_scaled_model():
+  """A model whose x0 estimate is off by 50x: plain DDIM from t = 999 explodes, dynamic
+  thresholding keeps the samples in [-1, 1] (the last step lands on the bounded x0)."""
+  sched = schedules.make_schedule("cosine", 1000)
+  bad = lambda v, x, t: 50.0 * x   # eps scaled so that x0 = (x - sqrt(1-ab) eps)/sqrt(ab) blows up
+  x_T = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+  plain, _ = samplers.sample(bad, None, samplers.ddim(sched, 10), x_T, jax.random.key(1))
+  dyn, _ = samplers.sample(bad, None, samplers.ddim(sched, 10, thresholding=0.99,
+                                                    sample_max_value=2.0), x_T, jax.random.key(1))
+  assert float(jnp.max(jnp.abs(plain.x))) > 100
+  assert float(jnp.max(jnp.abs(dyn.x))) <= 1.0 + 1e-5   # clipped to [-s, s], then divided by s
+  with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
+    samplers.ddim(sched, 10, thresholding=1.5)
+  with pytest.raises(ValueError, match="unknown sampler options"):
+    samplers.make_sampler("ddim", sched, 10, clip_range=2.0)
+  with pytest.raises(ValueError, match="steps_offset=60 puts the first"):
+    samplers.ddim(sched, 20, spacing="leading", steps_offset=60)
+
+
+def test_linearise_gives_the_clipped_steps_mean_derivatives():
+  """Affine samplers come back as they are; a clipped DDIM step's a_i becomes a_i times the
+  fraction of pixels whose x0 estimate is inside [-1, 1] (d x_prev / d x = 0 where clipped)."""
+  sched = schedules.make_schedule("linear", 1000)
+  eps_fn = lambda v, x, t: 0.5 * x     # x0 estimates well outside [-1, 1] early on
+  x_T = jax.random.normal(jax.random.key(0), (4, 6, 6, 2))
+  plain = samplers.ddim(sched, 10)
+  assert samplers.linearise(plain, eps_fn, None, x_T, jax.random.key(1)) is plain
+  clipped = samplers.ddim(sched, 10, clip_sample=True)
+  lin = samplers.linearise(clipped, eps_fn, None, x_T, jax.random.key(1))
+  _, traj = samplers.sample(eps_fn, None, clipped, x_T, jax.random.key(1), return_trajectory=True)
+  ab = sched.alphas_cumprod[np.asarray(clipped.coeffs.t)]
+  x0 = (1 - 0.5 * np.sqrt(1 - ab))[:, None, None, None, None] * np.asarray(traj) / np.sqrt(ab)[:, None, None, None, None]
+  inside = np.mean(np.abs(x0) <= 1, axis=(1, 2, 3, 4))
+  assert inside.min() < 0.5 and inside.max() == 1.0    # the clip is active on some steps only
+  np.testing.assert_allclose(lin.coeffs.a, np.asarray(clipped.coeffs.a) * inside, rtol=1e-5)
+  np.testing.assert_array_equal(lin.coeffs.t, clipped.coeffs.t)

@@ -222,18 +222,44 @@ def test_bad_inputs_have_clear_errors():
                          num_timesteps=1000)
 
 
-def test_layers_left_in_float_are_listed_with_the_reason():
-  class WithTranspose(nn.Module):
-    @nn.compact
-    def __call__(self, x, t=None):
-      x = nn.Conv(8, (3, 3), name="conv")(x)
-      x = nn.ConvTranspose(8, (2, 2), strides=(2, 2), name="up")(x)
-      return nn.Conv(3, (3, 3), name="skip_me")(x)
+class _WithTranspose(nn.Module):
+  @nn.compact
+  def __call__(self, x, t=None):
+    x = nn.Conv(8, (3, 3), name="conv")(x)
+    x = nn.ConvTranspose(8, (3, 3), strides=(2, 2), name="up")(nn.relu(x) - 0.3)
+    x = nn.ConvTranspose(6, (2, 2), strides=(2, 2), padding="VALID", name="up_valid")(x)
+    x = nn.ConvTranspose(4, (3, 3), strides=(1, 2), padding=((1, 2), (0, 1)),
+                         kernel_dilation=(1, 2), name="up_explicit")(x)
+    return nn.Conv(3, (3, 3), name="skip_me")(x)
 
-  model = WithTranspose()
+
+def test_layers_left_in_float_are_listed_with_the_reason():
+  model = _WithTranspose()
   x = jax.random.normal(_key(3), (2, 6, 6, 3))
   params = model.init(_key(4), x)["params"]
   qm = quant.quantize_model(model, params, [(x, None)], quant.QuantConfig(exclude="^skip_me$"))
-  assert set(qm.specs) == {"conv"}
-  assert qm.float_layers == {"up": "not a Dense or Conv layer (left in float)",
-                             "skip_me": "excluded by QuantConfig.include / exclude"}
+  assert set(qm.specs) == {"conv", "up", "up_valid", "up_explicit"}
+  assert qm.float_layers == {"skip_me": "excluded by QuantConfig.include / exclude"}
+  group = quant.quantize_model(model, params, [(x, None)], quant.QuantConfig(group_size=4))
+  assert set(group.float_layers) == {"up", "up_valid", "up_explicit"}
+  assert "group-wise presets leave it in float" in group.float_layers["up"]
+
+
+def test_conv_transpose_int_path_equals_fake_quant():
+  """ConvTranspose (SAME, VALID, explicit padding, kernel dilation, asymmetric int8 and
+  4-bit weights): the s8 x s8 -> s32 path equals fake-quant, which tracks float."""
+  model = _WithTranspose()
+  x = jax.random.normal(_key(5), (2, 5, 5, 3))
+  params = model.init(_key(6), x)["params"]
+  y_float = model.apply({"params": params}, x)
+  for w_bits in (8, 4):
+    qm = quant.quantize_model(model, params, [(x, None)], quant.QuantConfig(w_bits=w_bits))
+    y_fake, y_int = qm(x, mode="fake"), qm(x, mode="int")
+    assert y_fake.shape == y_float.shape
+    np.testing.assert_allclose(y_int, y_fake, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(y_fake))))
+    rel = float(jnp.linalg.norm(y_fake - y_float) / jnp.linalg.norm(y_float))
+    assert rel < (0.05 if w_bits == 8 else 0.4), rel
+  assert int(qm.variables["quant"]["up"]["a_zero"][0]) != 0   # the zero-point correction is exercised
+  hlo = jax.jit(qm.apply_fn("int")).lower(qm.variables, x).as_text()
+  s8_convs = [l for l in hlo.splitlines() if "convolution" in l and "xi8" in l]
+  assert len(s8_convs) == 5 and all("xi32" in l for l in s8_convs), s8_convs   # 2 Conv + 3 transposed

@@ -52,11 +52,16 @@ class Sampler(NamedTuple):
   `prepare(state, i) -> (x_in, t_in)` says what the network sees at step i; None means
   (state.x, coeffs.t[i]). Compensators that shift the network input (TAC's input bias
   correction) or its timestep (StepbaQ) set it.
+
+  `affine` is False for steps that bound the x0 estimate (clip_sample, thresholding):
+  `coeffs` (a, b) then describe the step only where the bound is inactive, and `linearise`
+  gives the error model the step's average derivatives instead.
   """
   coeffs: StepCoeffs
   init: Callable[..., Any]
   step: Callable[..., Any]
   prepare: Optional[Callable[..., Any]] = None
+  affine: bool = True
 
 
 def network_input(sampler: Sampler, state, i):
@@ -86,8 +91,8 @@ def affine_sampler(coeffs: StepCoeffs) -> Sampler:
   return Sampler(coeffs=coeffs, init=init, step=step)
 
 
-def _abar_pairs(schedule: Schedule, num_steps: int, spacing: str):
-  ts = timestep_subsequence(schedule.num_timesteps, num_steps, spacing)
+def _abar_pairs(schedule: Schedule, num_steps: int, spacing: str, steps_offset: int = 0):
+  ts = timestep_subsequence(schedule.num_timesteps, num_steps, spacing, steps_offset)
   abar = schedule.alphas_cumprod
   abar_t = abar[ts]
   abar_prev = np.concatenate([abar[ts[1:]], [1.0]])  # final step lands on abar = 1
@@ -100,7 +105,7 @@ def _coeffs(ts, a, b, sigma) -> StepCoeffs:
 
 
 def ddim_coeffs(schedule: Schedule, num_steps: int, eta: float = 0.0,
-                spacing: str = "uniform") -> StepCoeffs:
+                spacing: str = "uniform", steps_offset: int = 0) -> StepCoeffs:
   """DDIM (Song et al.) with stochasticity eta in [0, 1]:
 
       sigma_k = eta sqrt((1 - abar_{k-1}) / (1 - abar_k)) sqrt(1 - abar_k / abar_{k-1})
@@ -109,21 +114,22 @@ def ddim_coeffs(schedule: Schedule, num_steps: int, eta: float = 0.0,
   """
   if not 0.0 <= eta <= 1.0:
     raise ValueError(f"eta must be in [0, 1], got {eta}.")
-  ts, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing)
+  ts, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing, steps_offset)
   sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab)) * np.sqrt(1 - ab / ab_prev)
   a = np.sqrt(ab_prev / ab)
   b = np.sqrt(np.maximum(1 - ab_prev - sigma ** 2, 0.0)) - np.sqrt(ab_prev * (1 - ab) / ab)
   return _coeffs(ts, a, b, sigma)
 
 
-def ddpm_coeffs(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> StepCoeffs:
+def ddpm_coeffs(schedule: Schedule, num_steps: int, spacing: str = "uniform",
+                steps_offset: int = 0) -> StepCoeffs:
   """DDPM ancestral sampling (Ho et al.) on a timestep subsequence, with
   alpha_k = abar_k / abar_{k-1}, beta_k = 1 - alpha_k and the posterior variance:
 
       x_{k-1} = (x_k - beta_k / sqrt(1 - abar_k) eps) / sqrt(alpha_k) + sigma_k z,
       sigma_k^2 = beta_k (1 - abar_{k-1}) / (1 - abar_k)
   """
-  ts, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing)
+  ts, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing, steps_offset)
   alpha = ab / ab_prev
   beta = 1 - alpha
   a = 1 / np.sqrt(alpha)
@@ -146,62 +152,104 @@ class ClipCoeffs(NamedTuple):
   w: jax.Array
 
 
-def clipped_sampler(coeffs: StepCoeffs, clip: ClipCoeffs, clip_range: float = 1.0) -> Sampler:
-  """The sampler whose x0 estimate is clipped to [-clip_range, clip_range] at every step.
-  Not affine where the clip is active: `coeffs` (a, b) describe it where it is not, which
-  is what the error model and the compensators use (README: "clip_sample")."""
+class X0Rule(NamedTuple):
+  """How a step bounds its x0 estimate (diffusers' scheduler options of the same names).
+
+  `clip_sample` clips it to [-1, 1]. `thresholding` in (0, 1) is Imagen's dynamic
+  thresholding with that quantile (diffusers' `dynamic_thresholding_ratio`, e.g. 0.995): per
+  image, s = clamp(quantile(|x0|, ratio), 1, sample_max_value), x0 <- clip(x0, -s, s) / s.
+  It takes precedence over clip_sample, as in diffusers. All zero/False: the plain step.
+  """
+  clip_sample: bool = False
+  thresholding: float = 0.0
+  sample_max_value: float = 1.0
+
+  @property
+  def active(self) -> bool:
+    return bool(self.clip_sample) or self.thresholding > 0
+
+  def check(self) -> None:
+    if not 0.0 <= self.thresholding < 1.0:
+      raise ValueError(f"thresholding is the quantile of |x0| (diffusers' "
+                       f"dynamic_thresholding_ratio), in (0, 1) or 0 for off; got "
+                       f"{self.thresholding}.")
+    if not self.sample_max_value >= 1.0:
+      raise ValueError(f"sample_max_value must be >= 1 (the largest threshold), got "
+                       f"{self.sample_max_value}.")
+
+  def __call__(self, x0: jax.Array) -> jax.Array:
+    if self.thresholding > 0:
+      flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+      s = jnp.clip(jnp.quantile(flat, self.thresholding, axis=1), 1.0, self.sample_max_value)
+      s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+      return jnp.clip(x0, -s, s) / s
+    return jnp.clip(x0, -1.0, 1.0)
+
+
+def clipped_sampler(coeffs: StepCoeffs, clip: ClipCoeffs, rule: X0Rule = X0Rule(True)) -> Sampler:
+  """The sampler whose x0 estimate is bounded by `rule` at every step. Not affine where
+  the rule is active: `coeffs` (a, b) describe it where it is not, which is what the error
+  model and the compensators use (README: "clip_sample")."""
   plain = affine_sampler(coeffs)
   stochastic = coeffs.stochastic
 
   def step(state, eps, i, noise_scale=1.0):
-    x0 = jnp.clip(clip.p[i] * state.x + clip.q[i] * eps, -clip_range, clip_range)
+    x0 = rule(clip.p[i] * state.x + clip.q[i] * eps)
     x = clip.u[i] * x0 + clip.v[i] * state.x + clip.w[i] * eps
     if stochastic:
       x = x + noise_scale * coeffs.sigma[i] * step_noise(state.key, i, x.shape, x.dtype)
     return SamplerState(x=x, key=state.key)
 
-  return plain._replace(step=step)
+  return plain._replace(step=step, affine=False)
 
 
-def _clip_coeffs(ab, ab_prev, u, v, w) -> ClipCoeffs:
+def _clip_coeffs(ab, u, v, w) -> ClipCoeffs:
   f32 = lambda z: jnp.asarray(np.asarray(z, np.float64), jnp.float32)
   return ClipCoeffs(p=f32(1 / np.sqrt(ab)), q=f32(-np.sqrt(1 - ab) / np.sqrt(ab)), u=f32(u),
                     v=f32(v), w=f32(w))
 
 
 def ddim(schedule: Schedule, num_steps: int, eta: float = 0.0, spacing: str = "uniform",
-         clip_sample: bool = False) -> Sampler:
-  """DDIM; `clip_sample` clips the x0 estimate to [-1, 1] (diffusers' DDIMScheduler)."""
-  coeffs = ddim_coeffs(schedule, num_steps, eta, spacing)
-  if not clip_sample:
+         clip_sample: bool = False, *, steps_offset: int = 0, thresholding: float = 0.0,
+         sample_max_value: float = 1.0) -> Sampler:
+  """DDIM. `clip_sample` / `thresholding` / `sample_max_value` bound the x0 estimate and
+  `spacing` / `steps_offset` place the timesteps as diffusers' DDIMScheduler options of the
+  same names do (X0Rule, timestep_subsequence)."""
+  rule = X0Rule(clip_sample, thresholding, sample_max_value)
+  rule.check()
+  coeffs = ddim_coeffs(schedule, num_steps, eta, spacing, steps_offset)
+  if not rule.active:
     return affine_sampler(coeffs)
-  _, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing)
+  _, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing, steps_offset)
   sigma = np.asarray(coeffs.sigma, np.float64)
   direction = np.sqrt(np.maximum(1 - ab_prev - sigma ** 2, 0.0))
-  return clipped_sampler(coeffs, _clip_coeffs(ab, ab_prev, np.sqrt(ab_prev), 0 * ab, direction))
+  return clipped_sampler(coeffs, _clip_coeffs(ab, np.sqrt(ab_prev), 0 * ab, direction), rule)
 
 
 def ddpm(schedule: Schedule, num_steps: int, spacing: str = "uniform",
-         clip_sample: bool = False) -> Sampler:
-  """DDPM; `clip_sample` clips the x0 estimate to [-1, 1] and steps to the posterior mean
-  of the clipped estimate (diffusers' DDPMScheduler)."""
-  coeffs = ddpm_coeffs(schedule, num_steps, spacing)
-  if not clip_sample:
+         clip_sample: bool = False, *, steps_offset: int = 0, thresholding: float = 0.0,
+         sample_max_value: float = 1.0) -> Sampler:
+  """DDPM; with an x0 rule it steps to the posterior mean of the bounded x0 estimate
+  (diffusers' DDPMScheduler). Options as for `ddim`."""
+  rule = X0Rule(clip_sample, thresholding, sample_max_value)
+  rule.check()
+  coeffs = ddpm_coeffs(schedule, num_steps, spacing, steps_offset)
+  if not rule.active:
     return affine_sampler(coeffs)
-  _, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing)
+  _, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing, steps_offset)
   alpha = ab / ab_prev
   c0 = np.sqrt(ab_prev) * (1 - alpha) / (1 - ab)
   ct = np.sqrt(alpha) * (1 - ab_prev) / (1 - ab)
-  return clipped_sampler(coeffs, _clip_coeffs(ab, ab_prev, c0, ct, 0 * ab))
+  return clipped_sampler(coeffs, _clip_coeffs(ab, c0, ct, 0 * ab), rule)
 
 
 SAMPLERS = ("ddim", "ddpm")
 
 
 def check_sampler_args(name: str, num_steps: int, eta: float = 0.0,
-                       spacing: str = "uniform") -> None:
-  """Raises ValueError for a sampler name, step count, eta or spacing that cannot work
-  (before any model is loaded); eta applies to DDIM only."""
+                       spacing: str = "uniform", **options) -> None:
+  """Raises ValueError for a sampler name, step count, eta, spacing or x0 option that
+  cannot work (before any model is loaded); eta applies to DDIM only."""
   if name not in SAMPLERS:
     raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}.")
   if int(num_steps) != num_steps or num_steps < 1:
@@ -213,16 +261,52 @@ def check_sampler_args(name: str, num_steps: int, eta: float = 0.0,
                      "schedule. Use --config.sampler=ddim with eta, or leave eta at 0.")
   if spacing not in SPACINGS:
     raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}.")
+  unknown = sorted(set(options) - {"steps_offset", *X0Rule._fields})
+  if unknown:
+    raise ValueError(f"unknown sampler options {unknown}; choose from steps_offset, "
+                     f"{', '.join(X0Rule._fields)}.")
+  options = dict(options)
+  offset = options.pop("steps_offset", 0)
+  if int(offset) != offset or offset < 0:
+    raise ValueError(f"steps_offset must be an integer >= 0, got {offset}.")
+  X0Rule(**options).check()
 
 
 def make_sampler(name: str, schedule: Schedule, num_steps: int, eta: float = 0.0,
-                 spacing: str = "uniform", clip_sample: bool = False) -> Sampler:
-  check_sampler_args(name, num_steps, eta, spacing)
+                 spacing: str = "uniform", clip_sample: bool = False, **options) -> Sampler:
+  """`ddim` or `ddpm` by name; `options` are their keyword-only ones (steps_offset,
+  thresholding, sample_max_value)."""
+  check_sampler_args(name, num_steps, eta, spacing, clip_sample=clip_sample, **options)
   if name == "ddim":
-    return ddim(schedule, num_steps, eta, spacing, clip_sample)
-  if name == "ddpm":
-    return ddpm(schedule, num_steps, spacing, clip_sample)
-  raise ValueError(f"unknown sampler {name!r}; choose 'ddim' or 'ddpm'.")
+    return ddim(schedule, num_steps, eta, spacing, clip_sample, **options)
+  return ddpm(schedule, num_steps, spacing, clip_sample, **options)
+
+
+def linearise(sampler: Sampler, apply_fn: ApplyFn, variables, x_T: jax.Array,
+              key: jax.Array) -> Sampler:
+  """The sampler with coeffs (a_i, b_i) replaced by its step's derivatives d x_{i+1} / d x_i
+  and d x_{i+1} / d eps, averaged over every pixel of the float trajectories from x_T (a jvp
+  through the step at each scan position). The steps themselves are unchanged: only the
+  error model (propagation analysis, cumulative fit target, e_hat) sees the new
+  coefficients. For a clipped DDIM step a_i becomes a_i times the fraction of pixels whose
+  x0 estimate is inside the clip. Affine samplers come back unchanged.
+  """
+  if sampler.affine:
+    return sampler
+  coeffs = sampler.coeffs
+
+  def body(state, i):
+    x_in, t_in = network_input(sampler, state, i)
+    eps = apply_fn(variables, x_in, batch_timestep(t_in, x_in))
+    move = lambda x, e: sampler.step(state._replace(x=x), e, i, noise_scale=0.0).x
+    ones = jnp.ones_like(state.x)
+    da = jax.jvp(lambda x: move(x, eps), (state.x,), (ones,))[1]
+    db = jax.jvp(lambda e: move(state.x, e), (eps,), (ones,))[1]
+    return sampler.step(state, eps, i), (jnp.mean(da), jnp.mean(db))
+
+  _, (a, b) = jax.lax.scan(body, sampler.init(x_T, key), jnp.arange(coeffs.num_steps))
+  return sampler._replace(coeffs=coeffs._replace(a=a.astype(jnp.float32),
+                                                 b=b.astype(jnp.float32)))
 
 
 def batch_timestep(t, x):

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 
 SCHEDULES = ("linear", "cosine")
-SPACINGS = ("uniform", "quadratic", "leading", "trailing")
+SPACINGS = ("uniform", "linspace", "quadratic", "leading", "trailing")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -52,24 +52,33 @@ def make_schedule(name: str = "linear", num_timesteps: int = 1000, beta_start: f
   return Schedule(name=name, betas=betas)
 
 
-def timestep_subsequence(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:
+def timestep_subsequence(num_timesteps: int, num_steps: int, spacing: str = "uniform",
+                         steps_offset: int = 0) -> np.ndarray:
   """Descending distinct timesteps t_N > ... > t_1 for an N-step sampler.
 
-  `uniform` spaces them evenly over [0, T-1]; `quadratic` (DDIM paper) crowds them near
-  t = 0 where the images gain detail; `leading` and `trailing` are diffusers' spacings
-  (for 20 of 1000: 950, 900, ..., 0 and 999, 949, ..., 49). `leading` never starts at
-  t = T-1, where a cosine schedule's abar ~ 0 makes the x0 estimate blow up.
+  `uniform` spaces them evenly over [0, T-1] (diffusers calls it `linspace`; both names
+  work); `quadratic` (DDIM paper) crowds them near t = 0 where the images gain detail;
+  `leading` and `trailing` are diffusers' spacings (for 20 of 1000: 950, 900, ..., 0 and
+  999, 949, ..., 49). `leading` never starts at t = T-1, where a cosine schedule's
+  abar ~ 0 makes the x0 estimate blow up. `steps_offset` shifts `leading` timesteps up, as
+  diffusers' `steps_offset` does (Stable Diffusion's schedulers use 1: 951, ..., 1); the
+  other spacings ignore it, as diffusers does.
   """
   if not 1 <= num_steps <= num_timesteps:
     raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}.")
   if spacing not in SPACINGS:
     raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}.")
+  if int(steps_offset) != steps_offset or steps_offset < 0:
+    raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset}.")
   if num_steps == 1:   # one step denoises from pure noise (diffusers' `leading` gives t = 0)
     ts = np.array([num_timesteps - 1], np.int64)
-  elif spacing == "uniform":
+  elif spacing in ("uniform", "linspace"):
     ts = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
   elif spacing == "leading":
-    ts = np.arange(num_steps, dtype=np.int64) * (num_timesteps // num_steps)
+    ts = np.arange(num_steps, dtype=np.int64) * (num_timesteps // num_steps) + int(steps_offset)
+    if ts[-1] >= num_timesteps:
+      raise ValueError(f"steps_offset={steps_offset} puts the first of {num_steps} leading "
+                       f"timesteps at {ts[-1]} >= T = {num_timesteps}; lower it.")
   elif spacing == "trailing":
     ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)).astype(np.int64) - 1
   elif spacing == "quadratic":

@@ -452,7 +452,8 @@ def compensate(sampler: Sampler, params: Optional[CorrectionParams]) -> Sampler:
 
   needs_prepare = params is not None and (params.x_shift is not None or params.in_scale is not None
                                           or params.t_in is not None)
-  return Sampler(coeffs=c, init=init, step=step, prepare=prepare if needs_prepare else None)
+  return Sampler(coeffs=c, init=init, step=step, prepare=prepare if needs_prepare else None,
+                 affine=sampler.affine)
 
 
 # ----------------------------------------------------------------------------- persistence

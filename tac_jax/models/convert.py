@@ -34,6 +34,7 @@ from flax import traverse_util
 
 from tac_jax import files
 from tac_jax.models import checkpoint
+from tac_jax.models import torch_weights
 from tac_jax.models.unet import UNet, UNetConfig
 
 CONFIG_NAME = "config.json"
@@ -225,65 +226,15 @@ def flax_path(torch_key: str) -> Tuple[str, ...]:
   return tuple(parts)
 
 
-def _to_flax(w: np.ndarray) -> np.ndarray:
-  if w.ndim == 4:
-    return w.transpose(2, 3, 1, 0)     # [O, I, kh, kw] -> [kh, kw, I, O]
-  if w.ndim == 2:
-    return w.T                         # [O, I] -> [I, O]
-  return w
-
-
-def _to_torch(w: np.ndarray) -> np.ndarray:
-  if w.ndim == 4:
-    return w.transpose(3, 2, 0, 1)
-  if w.ndim == 2:
-    return w.T
-  return w
-
-
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: UNetConfig,
                        dtype=np.float32) -> Dict[str, Any]:
   """Maps a diffusers state dict onto the Flax UNet params for `config`.
 
   Raises ValueError naming every missing key, unexpected key and shape mismatch.
   """
-  want = {path: leaf for path, leaf in traverse_util.flatten_dict(abstract_params(config)).items()}
-  modules = {p[:-1] for p in want}
-  got, unexpected, mismatched, mismatched_targets = {}, [], [], set()
-  for key, value in state_dict.items():
-    path = flax_path(key)
-    if path[:-1] not in modules or path[-1] not in ("weight", "bias"):
-      unexpected.append(key)
-      continue
-    leaf = "bias" if path[-1] == "bias" else ("scale" if path[:-1] + ("scale",) in want else "kernel")
-    target = path[:-1] + (leaf,)
-    if target not in want:
-      unexpected.append(key)
-      continue
-    w = _to_flax(np.asarray(value))
-    if w.shape != tuple(want[target].shape):
-      mismatched.append(f"{key}: checkpoint {tuple(np.shape(value))} -> {w.shape}, model "
-                        f"expects {tuple(want[target].shape)} at {'/'.join(target)}")
-      mismatched_targets.add(target)
-      continue
-    got[target] = np.asarray(w, dtype)
-  missing = sorted("/".join(p) for p in set(want) - set(got) - mismatched_targets)
-  problems = []
-  if missing:
-    problems.append(f"{len(missing)} parameters missing from the checkpoint: {_few(missing)}")
-  if unexpected:
-    problems.append(f"{len(unexpected)} unexpected checkpoint keys: {_few(sorted(unexpected))}")
-  if mismatched:
-    problems.append(f"{len(mismatched)} shape mismatches: {_few(mismatched)}")
-  if problems:
-    raise ValueError("checkpoint does not match the model config (is config.json the one saved "
-                     "with these weights?): " + "; ".join(problems) + ".")
-  return traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in got.items()})
-
-
-def _few(items, n: int = 6) -> str:
-  items = list(items)
-  return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+  return torch_weights.map_state_dict(
+      state_dict, abstract_params(config), key_map=lambda key: "/".join(flax_path(key)),
+      dtype=dtype, what="the model config (is config.json the one saved with these weights?)")
 
 
 def to_diffusers_state_dict(params) -> Dict[str, np.ndarray]:
@@ -291,7 +242,7 @@ def to_diffusers_state_dict(params) -> Dict[str, np.ndarray]:
   out = {}
   for path, v in traverse_util.flatten_dict(jax.device_get(params)).items():
     mod = ".".join(_split_index(p) for p in path[:-1])
-    out[f"{mod}.{'bias' if path[-1] == 'bias' else 'weight'}"] = np.asarray(_to_torch(np.asarray(v)))
+    out[f"{mod}.{'bias' if path[-1] == 'bias' else 'weight'}"] = np.asarray(torch_weights.flax_to_torch(np.asarray(v)))
   return out
 
 

@@ -1,4 +1,5 @@
-"""Quantize the `nn.Dense` / `nn.Conv` layers of an unmodified Flax Linen model.
+"""Quantize the `nn.Dense` / `nn.Conv` / `nn.ConvTranspose` layers of an unmodified Flax
+Linen model.
 
 *What* to quantize is a `QuantConfig` (bits, granularity, observers, layer patterns);
 *how* is a method interceptor (`flax.linen.intercept_methods`) that replaces the
@@ -25,6 +26,7 @@ from typing import Any, Callable, Dict, Mapping, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.linear import canonicalize_padding
 from jax import lax
 
 from tac_jax import config_utils
@@ -93,7 +95,7 @@ class QuantConfig:
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
   """Static description of one quantized layer."""
-  kind: str          # 'dense' or 'conv'
+  kind: str          # 'dense', 'conv' or 'conv_transpose'
   w_bits: int
   a_bits: int
   a_symmetric: bool
@@ -110,8 +112,11 @@ def layer_path(module: nn.Module) -> str:
   return "/".join(module.path)
 
 
+LAYER_KINDS = {nn.Dense: "dense", nn.Conv: "conv", nn.ConvTranspose: "conv_transpose"}
+
+
 def is_quantizable(module: nn.Module) -> bool:
-  return type(module) in (nn.Dense, nn.Conv)
+  return type(module) in LAYER_KINDS
 
 
 def time_group(t, num_timesteps: int, groups: int) -> jax.Array:
@@ -155,6 +160,20 @@ def _conv_geometry(module: nn.Conv, x):
           _per_axis(module.kernel_dilation, 2))
 
 
+def _transpose_geometry(module: nn.ConvTranspose, x):
+  """(strides, padding, kernel dilation) of a Flax ConvTranspose, as it passes them to
+  `lax.conv_transpose`."""
+  if x.ndim != 4:
+    raise ValueError(f"quantized ConvTranspose supports NHWC inputs (rank 4), got shape "
+                     f"{x.shape} at layer {layer_path(module)}.")
+  if module.transpose_kernel or module.padding == "CIRCULAR":
+    raise ValueError(f"layer {layer_path(module)}: ConvTranspose with transpose_kernel=True or "
+                     "CIRCULAR padding is not supported by the quantized path; exclude it in "
+                     "QuantConfig.exclude.")
+  return (_per_axis(module.strides, 2), canonicalize_padding(module.padding, 2),
+          _per_axis(module.kernel_dilation, 2))
+
+
 def _activation_params(module, spec: LayerSpec, config: QuantConfig, x, group):
   if config.a_dynamic:
     return observers.minmax(x, spec.a_bits, None, spec.a_symmetric)
@@ -184,6 +203,12 @@ def _static_call(module, spec: LayerSpec, config: QuantConfig, mode: str, x, gro
     if mode == "int":
       return int_ops.quantized_dense(x, a_qp, wq, w_scale, w_sum)
     return jnp.dot(core.fake_quant(x, a_qp), wq.astype(jnp.float32) * w_scale)
+  if spec.kind == "conv_transpose":
+    strides, padding, dil = _transpose_geometry(module, x)
+    if mode == "int":
+      return int_ops.quantized_conv_transpose(x, a_qp, wq, w_scale, strides, padding, dil)
+    return int_ops.float_conv_transpose(core.fake_quant(x, a_qp), wq.astype(jnp.float32) * w_scale,
+                                        strides, padding, dil)
   strides, padding, dil = _conv_geometry(module, x)
   if mode == "int":
     return int_ops.quantized_conv(x, a_qp, wq, w_scale, w_sum, strides, padding, dil)
@@ -241,8 +266,8 @@ def quantizing_interceptor(specs: Mapping[str, LayerSpec], config: QuantConfig, 
 
 
 def observing_interceptor(sample_size: int) -> Callable:
-  """Records (min, max, evenly strided sample, per-channel max |x|) of every Dense/Conv
-  input via `sow`."""
+  """Records (min, max, evenly strided sample, per-channel max |x|) of every quantizable
+  layer's input via `sow`."""
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
@@ -279,13 +304,13 @@ def error_interceptor(specs: Mapping[str, LayerSpec], config: QuantConfig, group
 
 
 def list_layers(module: nn.Module, variables, *args, **kwargs) -> Dict[str, str]:
-  """Maps the path of every Dense/Conv layer a call touches to 'dense' or 'conv'."""
+  """Maps the path of every Dense/Conv/ConvTranspose layer a call touches to its kind."""
   found: Dict[str, str] = {}
 
   def intercept(next_fun, a, kw, context):
     m = context.module
     if context.method_name == "__call__" and is_quantizable(m):
-      found[layer_path(m)] = "dense" if isinstance(m, nn.Dense) else "conv"
+      found[layer_path(m)] = LAYER_KINDS[type(m)]
     return next_fun(*a, **kw)
 
   with nn.intercept_methods(intercept):

@@ -10,7 +10,10 @@ with x ~ (q_x - z) s_x the accumulator is corrected exactly,
     sum_i (q_x,i - z) q_w,i = sum_i q_x,i q_w,i - z sum_i q_w,i,
 
 and convolutions pad the integer input with z (the integer image of float 0), so the
-correction term is the same at the borders.
+correction term is the same at the borders. Transposed convolutions insert zeros between
+input pixels, where the correction differs per output pixel: it is z times the transposed
+convolution of an all-ones image with the weights summed over input channels (exact in
+float32 for any int8 layer of fewer than 2^17 taps).
 """
 
 from __future__ import annotations
@@ -85,3 +88,28 @@ def float_conv(x, w, strides, padding, rhs_dilation=(1, 1)):
   return lax.conv_general_dilated(
       x, w, window_strides=tuple(strides), padding=[tuple(p) for p in padding],
       rhs_dilation=tuple(rhs_dilation), dimension_numbers=CONV_DIMS)
+
+
+def quantized_conv_transpose(x: jax.Array, a_qp: core.QuantParams, wq: jax.Array,
+                             w_scale: jax.Array, strides, padding, rhs_dilation=(1, 1),
+                             bias=None) -> jax.Array:
+  """2-D transposed convolution (NHWC/HWIO, Flax's `nn.ConvTranspose` with
+  transpose_kernel=False) on the integer path: s8 x s8 -> s32, then the zero-point
+  correction and the float rescale."""
+  if wq.dtype != jnp.int8:
+    raise ValueError(f"quantized_conv_transpose takes int8 weights, got {wq.dtype}.")
+  z, s = _zero_and_scale(a_qp)
+  acc = lax.conv_transpose(core.quantize(x, a_qp), wq, tuple(strides), padding,
+                           rhs_dilation=tuple(rhs_dilation), dimension_numbers=CONV_DIMS,
+                           preferred_element_type=jnp.int32)
+  ones = jnp.ones(x.shape[:-1] + (1,), jnp.float32)
+  taps = jnp.sum(wq.astype(jnp.float32), axis=2, keepdims=True)   # [kh, kw, 1, out]
+  count = lax.conv_transpose(ones, taps, tuple(strides), padding,
+                             rhs_dilation=tuple(rhs_dilation), dimension_numbers=CONV_DIMS)
+  y = (acc.astype(jnp.float32) - z.astype(jnp.float32) * count) * (s * w_scale)
+  return y if bias is None else y + bias
+
+
+def float_conv_transpose(x, w, strides, padding, rhs_dilation=(1, 1)):
+  return lax.conv_transpose(x, w, tuple(strides), padding, rhs_dilation=tuple(rhs_dilation),
+                            dimension_numbers=CONV_DIMS)

@@ -44,6 +44,13 @@ def _call(module, variables, x, t, **kw):
                       **kw)
 
 
+FLOAT_REASONS = {
+    "config": "excluded by QuantConfig.include / exclude",
+    "group": "nn.ConvTranspose is quantized per channel only; group-wise presets leave it in float",
+    "type": "not a Dense, Conv or ConvTranspose layer (left in float)",
+}
+
+
 def select_layers(layers: Mapping[str, str], config: QuantConfig) -> Dict[str, LayerSpec]:
   """LayerSpecs (empty out_features, filled later) for the layers the config selects."""
   inc, exc, keep8 = (re.compile(p) for p in (config.include, config.exclude, config.keep_8bit))
@@ -51,6 +58,8 @@ def select_layers(layers: Mapping[str, str], config: QuantConfig) -> Dict[str, L
   for path, kind in layers.items():
     if not inc.search(path) or exc.search(path):
       continue
+    if kind == "conv_transpose" and config.group_size:
+      continue   # the group-wise path has no transposed conv: FLOAT_REASONS
     eight = bool(keep8.search(path))
     chosen[path] = LayerSpec(kind=kind, w_bits=8 if eight else config.w_bits,
                              a_bits=8 if eight else config.a_bits,
@@ -119,14 +128,13 @@ class QuantizedModel:
 
   @property
   def float_layers(self) -> Dict[str, str]:
-    """Layers with a kernel that stay in float, and why (excluded by the config, or a
-    layer type the injection does not quantize, e.g. nn.ConvTranspose)."""
+    """Layers with a kernel that stay in float, and why (FLOAT_REASONS)."""
     flat = traverse_util.flatten_dict(self.variables["params"], sep="/")
     out = {}
     for key in flat:
       path, _, leaf = key.rpartition("/")
       if leaf == "kernel" and path not in self.specs:
-        out[path] = self.float_reasons.get(path, "not a Dense or Conv layer (left in float)")
+        out[path] = self.float_reasons.get(path, FLOAT_REASONS["type"])
     return out
 
   def __call__(self, x, t=None, mode: str = "fake"):
@@ -285,7 +293,8 @@ def _layer_specs(module, params, calib, config: QuantConfig):
   args = (x0,) if t0 is None else (x0, jnp.full((x0.shape[0],), t0, jnp.int32))
   layers = list_layers(module, {"params": params}, *args)
   specs = select_layers(layers, config)
-  excluded = {p: "excluded by QuantConfig.include / exclude" for p in layers if p not in specs}
+  excluded = {p: FLOAT_REASONS["group" if layers[p] == "conv_transpose" and config.group_size
+                               else "config"] for p in layers if p not in specs}
   if not specs:
     raise ValueError(f"QuantConfig selects none of the model's layers {sorted(layers)}; "
                      "check include/exclude.")
