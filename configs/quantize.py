@@ -18,7 +18,7 @@ def get_config():
   c.clip_sample = False             # clip the x0 estimate to [-1, 1] (diffusers' clip_sample)
   c.thresholding = 0.0              # dynamic thresholding quantile, e.g. 0.995; 0 = off
   c.sample_max_value = 1.0          # its largest threshold (diffusers' sample_max_value)
-  c.linearise = True                # with a bound: error model from the step's mean jvp
+  c.linearise = False               # with an x0 bound: error model from the step's mean jvp (README)
   c.num_calib = 64                  # calibration seeds (PTQ ranges and TCEC fits)
   c.num_eval = 128                  # held-out evaluation seeds (also the FD sample sets)
   c.settings = "W8A8,W4A8,W4A4"

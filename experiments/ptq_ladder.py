@@ -22,7 +22,7 @@ def main():
   ap.add_argument("--num_calib", type=int, default=64)
   ap.add_argument("--num_eval", type=int, default=128)
   ap.add_argument("--settings", default="W4A8,W4A4")
-  ap.add_argument("--presets", default="minmax,mse,minmax_bc,groupwise,smoothquant,svdquant,"
+  ap.add_argument("--presets", default="minmax,mse,minmax_bc,qdiff,groupwise,smoothquant,svdquant,"
                                        "svdquant_bc")
   args = ap.parse_args()
   model = stages.load_model(args.checkpoint)

@@ -135,7 +135,7 @@ def set_up(config, job: JobSpec, log: Progress) -> _Context:
     model = dataclasses.replace(model, params=parallel.replicate(model.params, mesh))
     log(f"data parallel over {n} devices ({jax.process_count()} process(es)): "
         f"{config.num_calib // n} calibration + {config.num_eval // n} evaluation seeds each")
-  if not sampler.affine and config.get("linearise", True):
+  if not sampler.affine and config.get("linearise", False):
     affine_a = np.asarray(sampler.coeffs.a)
     sampler = samplers.linearise(sampler, model.module.apply, model.variables, noise.x_cal,
                                  noise.key_cal)

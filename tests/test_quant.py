@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tac_jax import quant
-from tac_jax.quant import core, int_ops, observers
+from tac_jax.quant import core, int_ops, observers, presets
 
 
 def _key(i=0):
@@ -263,3 +263,38 @@ def test_conv_transpose_int_path_equals_fake_quant():
   hlo = jax.jit(qm.apply_fn("int")).lower(qm.variables, x).as_text()
   s8_convs = [l for l in hlo.splitlines() if "convolution" in l and "xi8" in l]
   assert len(s8_convs) == 5 and all("xi32" in l for l in s8_convs), s8_convs   # 2 Conv + 3 transposed
+
+
+class _Concat(nn.Module):
+  """A skip concatenation of a small-range and a large-range tensor into a 1x1 conv, as
+  the UNet's up blocks feed their shortcut convs."""
+
+  @nn.compact
+  def __call__(self, x, t=None):
+    small = 0.05 * nn.Conv(10, (3, 3), name="small")(x)
+    large = 4.0 * nn.Conv(6, (3, 3), name="large")(x)
+    return nn.Conv(5, (1, 1), name="shortcut")(jnp.concatenate([small, large], axis=-1))
+
+
+def test_split_shortcut_finds_the_concat_and_beats_one_range():
+  from tac_jax.quant import act_stats
+  assert act_stats.choose_split(np.r_[[-0.1] * 10, [-5.0] * 6], np.r_[[0.1] * 10, [5.0] * 6]) == 10
+  assert act_stats.choose_split(np.array([-1.0]), np.array([1.0])) == 0
+  model = _Concat()
+  x = jax.random.normal(_key(21), (4, 6, 6, 3))
+  params = model.init(_key(22), x)["params"]
+  # Both parts matter in the output: the large part's weights scaled down by its range.
+  k = params["shortcut"]["kernel"]
+  params["shortcut"]["kernel"] = k.at[..., 10:, :].multiply(0.05 / 4.0)
+  y = model.apply({"params": params}, x)
+  keep = r"^(small|large)$"   # only the shortcut conv at 4-bit activations
+  one = quant.quantize_model(model, params, [(x, None)], quant.QuantConfig(a_bits=4, keep_8bit=keep))
+  two = quant.quantize_model(model, params, [(x, None)],
+                             quant.QuantConfig(a_bits=4, keep_8bit=keep, split_layers="^shortcut$"))
+  assert two.specs["shortcut"].split == 10 and one.specs["shortcut"].split == 0
+  assert two.variables["quant"]["shortcut"]["a_scale"].shape == (1, 2)
+  err = lambda qm: float(jnp.linalg.norm(qm(x) - y) / jnp.linalg.norm(y))
+  assert err(two) < 0.5 * err(one), (err(two), err(one))
+  np.testing.assert_allclose(two(x, mode="int"), two(x), rtol=1e-4, atol=1e-4)
+  qd = presets.quant_config(presets.quant_defaults(), 4, 4, "qdiff")
+  assert qd.a_observer == "mse" and "conv_shortcut" in qd.split_layers

@@ -94,8 +94,12 @@ class SafeConfig:
 
 
 def quality_deviation(std_ratio, sharpness_ratio) -> float:
-  """How far contrast and sharpness are from the float model's (0 = equal)."""
-  return float(abs(np.log(std_ratio)) + abs(np.log(sharpness_ratio)))
+  """How far contrast and sharpness are from the float model's (0 = equal; inf when a
+  candidate's samples are flat or not finite)."""
+  ratios = np.asarray([std_ratio, sharpness_ratio], np.float64)
+  if not np.all(np.isfinite(ratios) & (ratios > 0)):
+    return float("inf")
+  return float(np.sum(np.abs(np.log(ratios))))
 
 
 def split_calibration(x_T: jax.Array, key: jax.Array, val_fraction: float):

@@ -63,6 +63,9 @@ class QuantConfig:
   smooth_alpha: float = 0.0         # SmoothQuant migration strength (0 = off; needs groups)
   low_rank: int = 0                 # rank of the float branch L1 L2 (0 = off; needs groups)
   bias_correction: bool = False     # fold each layer's mean output error into its bias
+  # Layers whose input is a concatenation (Q-Diffusion's split shortcut): two static
+  # activation ranges, for input channels [0, c) and [c, C), c chosen from calibration.
+  split_layers: str = r"^$"
 
   def __post_init__(self):
     core.check_bits(self.w_bits)
@@ -77,7 +80,7 @@ class QuantConfig:
     if (self.smooth_alpha or self.low_rank) and not self.group_size:
       raise ValueError("smooth_alpha and low_rank act on the group-wise path: set group_size "
                        "(e.g. 32) as well, or use the `svdquant` preset.")
-    for name in ("include", "exclude", "keep_8bit"):
+    for name in ("include", "exclude", "keep_8bit", "split_layers"):
       try:
         re.compile(getattr(self, name))
       except re.error as e:
@@ -101,6 +104,7 @@ class LayerSpec:
   a_symmetric: bool
   out_features: int
   group_size: int = 0   # > 0: the group-wise path (quant/groupwise.py)
+  split: int = 0        # > 0: input channels [0, split) and [split, C) have their own ranges
   low_rank: int = 0     # rank of the float branch on that path
 
   @property
@@ -174,11 +178,13 @@ def _transpose_geometry(module: nn.ConvTranspose, x):
           _per_axis(module.kernel_dilation, 2))
 
 
-def _activation_params(module, spec: LayerSpec, config: QuantConfig, x, group):
+def _activation_params(module, spec: LayerSpec, config: QuantConfig, x, group, part=None):
   if config.a_dynamic:
     return observers.minmax(x, spec.a_bits, None, spec.a_symmetric)
   scale = module.get_variable(QUANT_COLLECTION, "a_scale")[group]
   zero = module.get_variable(QUANT_COLLECTION, "a_zero")[group]
+  if part is not None:   # a split layer: [G, 2] ranges
+    scale, zero = scale[part], zero[part]
   return core.QuantParams(scale=scale, zero_point=zero, bits=spec.a_bits, axis=None,
                           symmetric=spec.a_symmetric)
 
@@ -194,11 +200,23 @@ def _quant_variable(module, name: str):
 
 
 def _static_call(module, spec: LayerSpec, config: QuantConfig, mode: str, x, group):
-  """Per-channel weights, per-tensor activations (static ranges, or dynamic min-max)."""
-  a_qp = _activation_params(module, spec, config, x, group)
+  """Per-channel weights, per-tensor activations (static ranges, or dynamic min-max); a
+  split layer is the sum of two products, one per input-channel part and its range."""
   wq = _integer_weights(module, spec)
   w_scale = module.get_variable(QUANT_COLLECTION, "w_scale")
-  w_sum = module.get_variable(QUANT_COLLECTION, "w_sum") if mode == "int" else None
+  if not spec.split:
+    a_qp = _activation_params(module, spec, config, x, group)
+    w_sum = module.get_variable(QUANT_COLLECTION, "w_sum") if mode == "int" else None
+    return _static_product(module, spec, mode, x, a_qp, wq, w_scale, w_sum)
+  c, y = spec.split, 0.0
+  for part, (xp, wp) in enumerate(((x[..., :c], wq[..., :c, :]), (x[..., c:], wq[..., c:, :]))):
+    a_qp = _activation_params(module, spec, config, xp, group, part)
+    y = y + _static_product(module, spec, mode, xp, a_qp, wp, w_scale, int_ops.weight_sums(wp))
+  return y
+
+
+def _static_product(module, spec: LayerSpec, mode: str, x, a_qp, wq, w_scale, w_sum):
+  """x (activations quantized by a_qp) times the integer weights wq (per-channel scales)."""
   if spec.kind == "dense":
     if mode == "int":
       return int_ops.quantized_dense(x, a_qp, wq, w_scale, w_sum)
@@ -266,8 +284,8 @@ def quantizing_interceptor(specs: Mapping[str, LayerSpec], config: QuantConfig, 
 
 
 def observing_interceptor(sample_size: int) -> Callable:
-  """Records (min, max, evenly strided sample, per-channel max |x|) of every quantizable
-  layer's input via `sow`."""
+  """Records an evenly strided sample of every quantizable layer's input, the channel of
+  each sampled value, and the per-channel min and max, via `sow`."""
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
@@ -276,10 +294,9 @@ def observing_interceptor(sample_size: int) -> Callable:
       # Always `sample_size` values (repeating when the tensor is smaller), so every
       # layer's statistics have one shape and the range fits compile once.
       idx = (jnp.arange(sample_size) * flat.shape[0]) // sample_size
-      x = jnp.asarray(args[0], jnp.float32)
-      channel_absmax = jnp.max(jnp.abs(x.reshape(-1, x.shape[-1])), axis=0)
-      module.sow(STATS_COLLECTION, "x", (jnp.min(flat), jnp.max(flat), flat[idx],
-                                         channel_absmax))
+      x = jnp.asarray(args[0], jnp.float32).reshape(-1, args[0].shape[-1])
+      module.sow(STATS_COLLECTION, "x", (flat[idx], (idx % x.shape[-1]).astype(jnp.int32),
+                                         jnp.min(x, axis=0), jnp.max(x, axis=0)))
     return next_fun(*args, **kwargs)
 
   return intercept

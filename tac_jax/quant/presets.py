@@ -11,6 +11,9 @@ Presets (the ladder the main job and the sweep can run, each with every compensa
     mse          the same, ranges chosen by the MSE search (weights and activations)
     percentile   the same, ranges at the 99.99th percentile
     minmax_bc    minmax + bias correction (each layer's mean output error folded away)
+    qdiff        Q-Diffusion's base: MSE ranges, split shortcuts (the layers in
+                 `split_layers`, fed a concatenation, get one range per part), on
+                 calibration data from every sampler step (as all presets here)
     groupwise    weights per (group of `group_size` input features, output channel),
                  activations per (token, group) at run time
     smoothquant  groupwise after SmoothQuant migration (alpha = `smooth_alpha`)
@@ -28,6 +31,9 @@ from tac_jax.quant.inject import QuantConfig
 
 # First / last / time-embedding layers stay at W8A8 (as in Q-Diffusion and PTQD).
 KEEP_8BIT = r"^(conv_in|conv_out|time_embedding/.*)$"
+# Our UNet's layers fed a concatenation of skip and up-path features (the up blocks'
+# shortcut convs; conv1 sees it only after a GroupNorm).
+SPLIT_SHORTCUTS = r"^up_blocks_\d+/resnets_\d+/conv_shortcut$"
 
 # The bits come from the job's `settings` (W8A8, W4A8, W4A4), not from this section.
 BITS_FIELDS = ("w_bits", "a_bits")
@@ -38,13 +44,15 @@ PRESETS = {
     "mse": {"w_observer": "mse", "a_observer": "mse"},
     "percentile": {"w_observer": "percentile", "a_observer": "percentile"},
     "minmax_bc": {"bias_correction": True},
+    "qdiff": {"w_observer": "mse", "a_observer": "mse", "split_layers": "{split}"},
     "groupwise": {"group_size": "{group}"},
     "smoothquant": {"group_size": "{group}", "smooth_alpha": "{alpha}"},
     "svdquant": {"group_size": "{group}", "smooth_alpha": "{alpha}", "low_rank": "{rank}"},
     "svdquant_bc": {"group_size": "{group}", "smooth_alpha": "{alpha}", "low_rank": "{rank}",
                     "bias_correction": True},
 }
-PRESET_PARAMS = {"group": "group_size", "rank": "low_rank", "alpha": "smooth_alpha"}
+PRESET_PARAMS = {"group": "group_size", "rank": "low_rank", "alpha": "smooth_alpha",
+                 "split": "split_layers"}
 
 
 def quant_defaults() -> ml_collections.ConfigDict:
@@ -62,6 +70,8 @@ def quant_defaults() -> ml_collections.ConfigDict:
       group_size=32,
       low_rank=16,
       smooth_alpha=0.5,
+      # Layers with split activation ranges in the `qdiff` preset (set your model's).
+      split_layers=SPLIT_SHORTCUTS,
       # Not settable: present so that --config.quant.w_bits=4 says where bits are chosen.
       w_bits=ml_collections.config_dict.placeholder(int),
       a_bits=ml_collections.config_dict.placeholder(int)))

@@ -21,6 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 from tac_jax.host import to_host
+from tac_jax.quant import act_stats
 from tac_jax.quant import core
 from tac_jax.quant import groupwise
 from tac_jax.quant import int_ops
@@ -205,8 +206,8 @@ def _check_calibration(calib: Sequence[CalibBatch],
 
 def collect_activation_stats(module: nn.Module, params: Params, calib: Sequence[CalibBatch],
                              config: QuantConfig, num_timesteps: int
-                             ) -> Dict[str, List[List[np.ndarray]]]:
-  """Per layer and timestep group: the list of recorded input values (min, max, sample)."""
+                             ) -> Dict[str, List[List[act_stats.Record]]]:
+  """Per layer and timestep group: the calibration calls' input records."""
   return _collect_activation_stats(module, params, _check_calibration(calib, num_timesteps),
                                    config, num_timesteps)[0]
 
@@ -222,7 +223,7 @@ def _collect_activation_stats(module, params, calib: List[CalibBatch], config: Q
       _, state = _call(module, {"params": params}, x, t, mutable=[STATS_COLLECTION])
     return state[STATS_COLLECTION]
 
-  stats: Dict[str, List[List[np.ndarray]]] = {}
+  stats: Dict[str, List[List[act_stats.Record]]] = {}
   channel_absmax: Dict[str, np.ndarray] = {}
   for x, t in calib:
     g = 0 if t is None else int(time_group(t, num_timesteps, config.time_groups))
@@ -231,9 +232,11 @@ def _collect_activation_stats(module, params, calib: List[CalibBatch], config: Q
     for key, calls in flat.items():
       path = "/".join(key[:-1])
       groups = stats.setdefault(path, [[] for _ in range(config.time_groups)])
-      for lo, hi, sample, chan in calls:
-        groups[g].append(np.concatenate([[lo, hi], np.asarray(sample)]))
-        channel_absmax[path] = np.maximum(channel_absmax.get(path, 0.0), np.asarray(chan))
+      for call in calls:
+        rec = act_stats.Record(*(np.asarray(v) for v in call))
+        groups[g].append(rec)
+        channel_absmax[path] = np.maximum(channel_absmax.get(path, 0.0),
+                                          np.maximum(-rec.cmin, rec.cmax))
   return stats, channel_absmax
 
 
@@ -245,23 +248,46 @@ def _fit_range(data, name: str, bits: int, symmetric: bool, p: float):
 
 
 def fit_activation_ranges(stats, specs: Mapping[str, LayerSpec], config: QuantConfig):
+  """Static activation ranges per layer and timestep group ([G], or [G, 2] for a split
+  layer) with the configured observer; a group without calls uses all of them."""
   ranges = {}
   for path, spec in specs.items():
     if path not in stats:
       raise ValueError(f"layer {path} recorded no activations during calibration.")
     groups = stats[path]
-    everything = np.concatenate([v for g in groups for v in g])
-    observers.check_calibration_data(everything, f"activations of layer {path}")
+    everything = [r for g in groups for r in g]
+    n = everything[0].cmin.shape[0]
+    parts = ((0, spec.split), (spec.split, n)) if spec.split else ((0, n),)
+    for lo, hi in parts:
+      observers.check_calibration_data(np.concatenate([act_stats.part_data(r, lo, hi)
+                                                       for r in everything]),
+                                       f"activations of layer {path}")
     scales, zeros = [], []
     for g in groups:
-      data = np.concatenate(g) if g else everything
-      s, z = _fit_range(jnp.asarray(data), config.a_observer, spec.a_bits, spec.a_symmetric,
-                        config.percentile)
-      scales.append(s)
-      zeros.append(z)
-    ranges[path] = {"a_scale": jnp.stack(scales).astype(jnp.float32),
-                    "a_zero": jnp.stack(zeros).astype(jnp.int32)}
+      fits = [_fit_range(jnp.asarray(np.concatenate([act_stats.part_data(r, lo, hi)
+                                                     for r in (g or everything)])),
+                         config.a_observer, spec.a_bits, spec.a_symmetric, config.percentile)
+              for lo, hi in parts]
+      scales.append(jnp.stack([f[0] for f in fits]))
+      zeros.append(jnp.stack([f[1] for f in fits]))
+    shape = (len(groups), 2) if spec.split else (len(groups),)
+    ranges[path] = {"a_scale": jnp.stack(scales).reshape(shape).astype(jnp.float32),
+                    "a_zero": jnp.stack(zeros).reshape(shape).astype(jnp.int32)}
   return ranges
+
+
+def split_specs(specs: Mapping[str, LayerSpec], stats, config: QuantConfig
+                ) -> Dict[str, LayerSpec]:
+  """The specs with `split` set on the layers `config.split_layers` names (static ranges
+  only), the boundary chosen from their calibration ranges (act_stats.choose_split)."""
+  pattern = re.compile(config.split_layers)
+  out = dict(specs)
+  for path, spec in specs.items():
+    if pattern.search(path) and not spec.group_size and not config.a_dynamic:
+      records = [r for g in stats[path] for r in g]
+      out[path] = dataclasses.replace(spec, split=act_stats.choose_split(
+          *act_stats.channel_range(records)))
+  return out
 
 
 def _bias_corrections(module, variables, specs, config: QuantConfig, calib,
@@ -338,6 +364,7 @@ def quantize_model(module: nn.Module, params: Params, calib: Iterable[CalibBatch
       lambda ks, sm: {p: quantize_weight(k, specs[p], config, sm.get(p))
                       for p, k in ks.items()})(kernels, smooth)
   if static:
+    specs = split_specs(specs, stats, config)
     for path, r in fit_activation_ranges(stats, specs, config).items():
       quant[path].update(r)
   variables = {"params": params, QUANT_COLLECTION: _unflatten(quant)}
