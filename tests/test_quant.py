@@ -298,3 +298,25 @@ def test_split_shortcut_finds_the_concat_and_beats_one_range():
   np.testing.assert_allclose(two(x, mode="int"), two(x), rtol=1e-4, atol=1e-4)
   qd = presets.quant_config(presets.quant_defaults(), 4, 4, "qdiff")
   assert qd.a_observer == "mse" and "conv_shortcut" in qd.split_layers
+
+
+def test_attention_matmuls_quantized_behind_a_flag():
+  """The UNet's attention block: q k^T and softmax(.) v are Einsum layers, left in float
+  (and listed) by default, quantized at run time with an s8 x s8 -> s32 path when asked."""
+  from tac_jax.models.unet import AttentionBlock
+  model = AttentionBlock(head_dim=4, groups=4, eps=1e-5)
+  x = jax.random.normal(_key(31), (2, 4, 4, 8))
+  params = model.init(_key(32), x)["params"]
+  y = model.apply({"params": params}, x)
+  off = quant.quantize_model(model, params, [(x, None)], quant.QuantConfig())
+  assert set(off.specs) == {"group_norm", "to_q", "to_k", "to_v", "to_out_0"} - {"group_norm"}
+  assert "attention matmul" in off.float_layers["qk"] and "av" in off.float_layers
+  on = quant.quantize_model(model, params, [(x, None)], quant.QuantConfig(attention_matmuls=True))
+  assert on.specs["qk"].kind == on.specs["av"].kind == "matmul" and not on.float_layers
+  np.testing.assert_allclose(on(x, mode="int"), on(x), rtol=1e-4, atol=1e-4)
+  rel = lambda qm: float(jnp.linalg.norm(qm(x) - y) / jnp.linalg.norm(y))
+  assert rel(off) < rel(on) < 0.05, (rel(off), rel(on))
+  hlo = jax.jit(on.apply_fn("int")).lower(on.variables, x).as_text()
+  s8_dots = [l for l in hlo.splitlines() if "dot_general" in l and "xi8" in l]
+  assert len(s8_dots) == 6 and all("xi32" in l for l in s8_dots)   # 4 Dense + 2 matmuls
+  assert on.memory_report(params)["layers_float32"] == off.memory_report(params)["layers_float32"]

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from tac_jax import config_utils
+from tac_jax.models.layers import Einsum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +111,9 @@ class AttentionBlock(nn.Module):
     q = split(nn.Dense(c, name="to_q")(y))
     k = split(nn.Dense(c, name="to_k")(y))
     v = split(nn.Dense(c, name="to_v")(y))
-    att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(c // heads), axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, h * w, c)
+    logits = Einsum("bqhd,bkhd->bhqk", name="qk")(q, k) / math.sqrt(c // heads)
+    out = Einsum("bhqk,bkhd->bqhd", name="av")(jax.nn.softmax(logits, axis=-1), v)
+    out = out.reshape(b, h * w, c)
     return x + nn.Dense(c, name="to_out_0")(out).reshape(b, h, w, c)
 
 

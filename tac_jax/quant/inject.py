@@ -30,6 +30,7 @@ from flax.linen.linear import canonicalize_padding
 from jax import lax
 
 from tac_jax import config_utils
+from tac_jax.models.layers import Einsum
 from tac_jax.quant import core
 from tac_jax.quant import groupwise
 from tac_jax.quant import int_ops
@@ -63,6 +64,7 @@ class QuantConfig:
   smooth_alpha: float = 0.0         # SmoothQuant migration strength (0 = off; needs groups)
   low_rank: int = 0                 # rank of the float branch L1 L2 (0 = off; needs groups)
   bias_correction: bool = False     # fold each layer's mean output error into its bias
+  attention_matmuls: bool = False   # also quantize Einsum layers (q k^T, softmax v)
   # Layers whose input is a concatenation (Q-Diffusion's split shortcut): two static
   # activation ranges, for input channels [0, c) and [c, C), c chosen from calibration.
   split_layers: str = r"^$"
@@ -116,11 +118,16 @@ def layer_path(module: nn.Module) -> str:
   return "/".join(module.path)
 
 
-LAYER_KINDS = {nn.Dense: "dense", nn.Conv: "conv", nn.ConvTranspose: "conv_transpose"}
+WEIGHTED = {nn.Dense: "dense", nn.Conv: "conv", nn.ConvTranspose: "conv_transpose"}
+LAYER_KINDS = {**WEIGHTED, Einsum: "matmul"}   # matmul: a product of two activations
 
 
 def is_quantizable(module: nn.Module) -> bool:
   return type(module) in LAYER_KINDS
+
+
+def has_kernel(module: nn.Module) -> bool:
+  return type(module) in WEIGHTED
 
 
 def time_group(t, num_timesteps: int, groups: int) -> jax.Array:
@@ -251,6 +258,18 @@ def _groupwise_call(module, spec: LayerSpec, mode: str, x):
   return groupwise.groupwise_forward(tokens, q, spec.a_bits, spec.group_size, mode)
 
 
+def quantized_matmul(module, spec: LayerSpec, mode: str, a, b):
+  """An Einsum of two activations, both quantized at run time (symmetric, per tensor, a_bits);
+  the int path is one s8 x s8 -> s32 einsum and a float rescale."""
+  qa = observers.minmax(a, spec.a_bits, None, True)
+  qb = observers.minmax(b, spec.a_bits, None, True)
+  if mode == "int":
+    acc = jnp.einsum(module.equation, core.quantize(a, qa), core.quantize(b, qb),
+                     preferred_element_type=jnp.int32)
+    return acc.astype(jnp.float32) * jnp.reshape(qa.scale * qb.scale, ())
+  return jnp.einsum(module.equation, core.fake_quant(a, qa), core.fake_quant(b, qb))
+
+
 def quantized_call(module, spec: LayerSpec, config: QuantConfig, mode: str, x, group):
   """The quantized replacement of `module.__call__(x)`."""
   x = jnp.asarray(x, jnp.float32)
@@ -278,6 +297,8 @@ def quantizing_interceptor(specs: Mapping[str, LayerSpec], config: QuantConfig, 
     spec = specs.get(layer_path(module))
     if spec is None:
       return next_fun(*args, **kwargs)
+    if spec.kind == "matmul":
+      return quantized_matmul(module, spec, mode, *args)
     return quantized_call(module, spec, config, mode, args[0], group)
 
   return intercept
@@ -289,7 +310,7 @@ def observing_interceptor(sample_size: int) -> Callable:
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name == "__call__" and is_quantizable(module):
+    if context.method_name == "__call__" and has_kernel(module):
       flat = jnp.ravel(args[0]).astype(jnp.float32)
       # Always `sample_size` values (repeating when the tensor is smaller), so every
       # layer's statistics have one shape and the range fits compile once.
@@ -309,7 +330,7 @@ def error_interceptor(specs: Mapping[str, LayerSpec], config: QuantConfig, group
   def intercept(next_fun, args, kwargs, context):
     module = context.module
     y = next_fun(*args, **kwargs)
-    if context.method_name != "__call__" or not is_quantizable(module):
+    if context.method_name != "__call__" or not has_kernel(module):
       return y
     spec = specs.get(layer_path(module))
     if spec is not None:

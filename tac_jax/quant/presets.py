@@ -72,6 +72,8 @@ def quant_defaults() -> ml_collections.ConfigDict:
       smooth_alpha=0.5,
       # Layers with split activation ranges in the `qdiff` preset (set your model's).
       split_layers=SPLIT_SHORTCUTS,
+      # Also quantize the attention matmuls (q k^T, softmax v) at the activation bits.
+      attention_matmuls=False,
       # Not settable: present so that --config.quant.w_bits=4 says where bits are chosen.
       w_bits=ml_collections.config_dict.placeholder(int),
       a_bits=ml_collections.config_dict.placeholder(int)))
@@ -98,7 +100,8 @@ def quant_config(section: Mapping[str, Any], w_bits: int, a_bits: int,
                 a_symmetric=section.pop("a_symmetric", False),
                 time_groups=section.pop("time_groups", 1),
                 keep_8bit=section.pop("keep_8bit", KEEP_8BIT),
-                exclude=section.pop("exclude", r"^$"))
+                exclude=section.pop("exclude", r"^$"),
+                attention_matmuls=section.pop("attention_matmuls", False))
   if section:
     raise ValueError(f"unknown config.quant fields {sorted(section)}; known: "
                      f"{sorted(list(fields) + list(PRESET_PARAMS.values()))}.")

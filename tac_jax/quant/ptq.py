@@ -49,7 +49,14 @@ FLOAT_REASONS = {
     "config": "excluded by QuantConfig.include / exclude",
     "group": "nn.ConvTranspose is quantized per channel only; group-wise presets leave it in float",
     "type": "not a Dense, Conv or ConvTranspose layer (left in float)",
+    "matmul": "attention matmul, runs in float (QuantConfig.attention_matmuls=True quantizes it)",
 }
+
+
+def _float_reason(kind: str, config: QuantConfig) -> str:
+  if kind == "matmul" and not config.attention_matmuls:
+    return "matmul"
+  return "group" if kind == "conv_transpose" and config.group_size else "config"
 
 
 def select_layers(layers: Mapping[str, str], config: QuantConfig) -> Dict[str, LayerSpec]:
@@ -61,11 +68,13 @@ def select_layers(layers: Mapping[str, str], config: QuantConfig) -> Dict[str, L
       continue
     if kind == "conv_transpose" and config.group_size:
       continue   # the group-wise path has no transposed conv: FLOAT_REASONS
+    if kind == "matmul" and not config.attention_matmuls:
+      continue
     eight = bool(keep8.search(path))
     chosen[path] = LayerSpec(kind=kind, w_bits=8 if eight else config.w_bits,
                              a_bits=8 if eight else config.a_bits,
                              a_symmetric=config.a_symmetric, out_features=0,
-                             group_size=config.group_size)
+                             group_size=0 if kind == "matmul" else config.group_size)
   return chosen
 
 
@@ -131,7 +140,7 @@ class QuantizedModel:
   def float_layers(self) -> Dict[str, str]:
     """Layers with a kernel that stay in float, and why (FLOAT_REASONS)."""
     flat = traverse_util.flatten_dict(self.variables["params"], sep="/")
-    out = {}
+    out = {p: why for p, why in self.float_reasons.items() if p not in self.specs}
     for key in flat:
       path, _, leaf = key.rpartition("/")
       if leaf == "kernel" and path not in self.specs:
@@ -144,11 +153,12 @@ class QuantizedModel:
   def memory_report(self, float_params: Params) -> Dict[str, int]:
     """Bytes of the float model vs this model, and of the quantized layers alone."""
     flat_float = traverse_util.flatten_dict(float_params, sep="/")
-    w_float = sum(core.storage_bytes(flat_float[f"{p}/kernel"]) for p in self.specs)
+    weighted = [p for p, spec in self.specs.items() if spec.kind != "matmul"]
+    w_float = sum(core.storage_bytes(flat_float[f"{p}/kernel"]) for p in weighted)
     flat_q = traverse_util.flatten_dict(self.variables[QUANT_COLLECTION], sep="/")
-    w_int = sum(core.storage_bytes(flat_q[f"{p}/w"]) for p in self.specs)
-    w_int8 = sum(core.storage_bytes(flat_float[f"{p}/kernel"]) // 4 for p in self.specs)
-    per_layer = lambda names: sum(core.storage_bytes(flat_q[f"{p}/{n}"]) for p in self.specs
+    w_int = sum(core.storage_bytes(flat_q[f"{p}/w"]) for p in weighted)
+    w_int8 = sum(core.storage_bytes(flat_float[f"{p}/kernel"]) // 4 for p in weighted)
+    per_layer = lambda names: sum(core.storage_bytes(flat_q[f"{p}/{n}"]) for p in weighted
                                   for n in names if f"{p}/{n}" in flat_q)
     return {
         "model_float32": sum(core.storage_bytes(v) for v in flat_float.values()),
@@ -252,6 +262,8 @@ def fit_activation_ranges(stats, specs: Mapping[str, LayerSpec], config: QuantCo
   layer) with the configured observer; a group without calls uses all of them."""
   ranges = {}
   for path, spec in specs.items():
+    if spec.kind == "matmul":    # both operands quantized at run time
+      continue
     if path not in stats:
       raise ValueError(f"layer {path} recorded no activations during calibration.")
     groups = stats[path]
@@ -283,7 +295,8 @@ def split_specs(specs: Mapping[str, LayerSpec], stats, config: QuantConfig
   pattern = re.compile(config.split_layers)
   out = dict(specs)
   for path, spec in specs.items():
-    if pattern.search(path) and not spec.group_size and not config.a_dynamic:
+    if (pattern.search(path) and spec.kind != "matmul" and not spec.group_size
+        and not config.a_dynamic):
       records = [r for g in stats[path] for r in g]
       out[path] = dataclasses.replace(spec, split=act_stats.choose_split(
           *act_stats.channel_range(records)))
@@ -319,13 +332,13 @@ def _layer_specs(module, params, calib, config: QuantConfig):
   args = (x0,) if t0 is None else (x0, jnp.full((x0.shape[0],), t0, jnp.int32))
   layers = list_layers(module, {"params": params}, *args)
   specs = select_layers(layers, config)
-  excluded = {p: FLOAT_REASONS["group" if layers[p] == "conv_transpose" and config.group_size
-                               else "config"] for p in layers if p not in specs}
+  excluded = {p: FLOAT_REASONS[_float_reason(layers[p], config)] for p in layers
+              if p not in specs}
   if not specs:
     raise ValueError(f"QuantConfig selects none of the model's layers {sorted(layers)}; "
                      "check include/exclude.")
   flat = traverse_util.flatten_dict(params, sep="/")
-  kernels = {path: flat[f"{path}/kernel"] for path in specs}
+  kernels = {path: flat[f"{path}/kernel"] for path, s in specs.items() if s.kind != "matmul"}
   for path, kernel in kernels.items():
     observers.check_calibration_data(kernel, f"weight of layer {path}")
     k, n = int(np.prod(kernel.shape[:-1])), int(kernel.shape[-1])
@@ -357,7 +370,7 @@ def quantize_model(module: nn.Module, params: Params, calib: Iterable[CalibBatch
     stats, channel_absmax = _collect_activation_stats(module, params, calib, config,
                                                       num_timesteps)
   smooth = ({p: groupwise.smooth_scales(jnp.asarray(channel_absmax[p]), kernels[p],
-                                        config.smooth_alpha) for p in specs}
+                                        config.smooth_alpha) for p in kernels}
             if config.smooth_alpha else {})
   # One compiled program for all layers (eager per-layer ops would compile per shape).
   quant: Dict[str, Any] = jax.jit(
