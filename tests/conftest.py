@@ -66,16 +66,20 @@ TINY_SWEEP_FLAGS = ("--config.seeds=0", "--config.settings=W4A4", "--config.meth
 @pytest.fixture(scope="session")
 def tiny_runs(tiny_model_dir, tmp_path_factory):
   """{'main': (outdir, CompletedProcess), 'sweep': (...), 'model': dir}: both launchers run
-  once, on the same tiny model."""
+  once, side by side (most of their time is single-threaded XLA compilation), on the same
+  tiny model."""
   import subprocess  # pylint: disable=import-outside-toplevel
   model = tiny_model_dir(8)
   root = tmp_path_factory.mktemp("tiny_runs")
-  out = {"model": model}
+  out, procs = {"model": model}, {}
   for name, config, flags in (("main", "quantize", TINY_MAIN_FLAGS),
                               ("sweep", "sweep", TINY_SWEEP_FLAGS)):
     outdir = str(root / name)
     cmd = launcher_cmd(name if name == "sweep" else "quantize", config,
                        f"--config.checkpoint={model}", f"--outdir={outdir}", *flags)
-    out[name] = (outdir, subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                                        cwd=ROOT))
+    procs[name] = (outdir, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE, text=True, cwd=ROOT))
+  for name, (outdir, cmd, proc) in procs.items():
+    stdout, stderr = proc.communicate(timeout=900)
+    out[name] = (outdir, subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
   return out
