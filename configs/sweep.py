@@ -14,6 +14,11 @@ def get_config():
   c.methods = "none,ptqd,tac,stepbaq,paper_m1,per_step,tcec,tcec_safe"  # errors.METHODS
   c.samplers = "ddim10,ddim25,ddim50,ddpm50"   # ddim<steps> / ddpm<steps>
   c.ref_sampler = "ddim25"                # PTQ calibration, PTQ options, FD, ablations
+  c.spacing = "uniform"                   # every sampler: uniform, leading, trailing, ...
+  c.steps_offset = 0                      # diffusers' options, as in configs/quantize.py
+  c.clip_sample = False
+  c.thresholding = 0.0
+  c.sample_max_value = 1.0
   c.ptq_options = "minmax,mse,minmax_tg4,svdquant" # presets[_tg<groups>]; first = main grid's
   c.num_calib = 64
   c.num_eval = 128

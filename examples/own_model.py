@@ -10,7 +10,8 @@ A factory takes no arguments and returns (module, params, schedule, shape):
   params    its float params (here random; load yours with orbax or from PyTorch);
   schedule  the keyword arguments of tac_jax.diffusion.make_schedule it was trained with;
   shape     the image shape (H, W, C).
-Its Dense and Conv layers are quantized; anything else stays in float.
+Its Dense, Conv and ConvTranspose layers are quantized; anything else stays in float (listed
+with the reason). PyTorch weights: tac_jax.models.torch_weights.map_state_dict (README).
 """
 
 import flax.linen as nn

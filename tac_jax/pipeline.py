@@ -77,8 +77,8 @@ def validate(config: ml_collections.ConfigDict) -> JobSpec:
     default = methods[-1]
   if config.num_calib < 1 or config.num_eval < 1:
     raise ValueError("num_calib and num_eval must be >= 1.")
-  samplers.check_sampler_args(config.sampler, config.num_steps, config.eta, config.spacing,
-                              **sampler_options(config))
+  samplers.check_sampler_args(config.sampler, config.num_steps, config.eta,
+                              **stages.sampler_options(config))
   presets.quant_config(config.quant, 8, 8, ptq[0])   # unknown / bits fields
   try:
     safe = errors.SafeConfig(**(config.safe.to_dict() if "safe" in config else {}))
@@ -107,22 +107,13 @@ class _Context:
   samples: Dict[Any, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
-SAMPLER_OPTIONS = {"clip_sample": False, "thresholding": 0.0, "sample_max_value": 1.0,
-                   "steps_offset": 0}
-
-
-def sampler_options(config) -> Dict[str, Any]:
-  """The config's diffusers-style sampler options (older configs may lack them)."""
-  return {k: config.get(k, v) for k, v in SAMPLER_OPTIONS.items()}
-
-
 def set_up(config, job: JobSpec, log: Progress) -> _Context:
   """Model, sampler, seeds (sharded when data parallel) and the float reference."""
   model = load_model(config.checkpoint, config.get("model", ""))
   log(f"model {model.checkpoint}: {sum(x.size for x in jax.tree.leaves(model.params)):,} params, "
       f"{'x'.join(map(str, model.shape))}")
   sampler = samplers.make_sampler(config.sampler, model.schedule, config.num_steps, config.eta,
-                                  config.spacing, **sampler_options(config))
+                                  **stages.sampler_options(config))
   noise = seed_noise(config.seed, config.num_calib, config.num_eval, model.shape)
   mesh = parallel.auto_mesh(config.get("data_parallel", True))
   if mesh is not None:  # data parallel: seeds split over devices, everything else replicated

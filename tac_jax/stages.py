@@ -141,6 +141,16 @@ def model_from_factory(spec: str) -> Model:
   return Model(module, params, make_schedule(**dict(schedule)), {"factory": spec}, spec, shape)
 
 
+# Sampler options a job config may set (diffusers' names), with their defaults.
+SAMPLER_OPTIONS = {"spacing": "uniform", "steps_offset": 0, "clip_sample": False,
+                   "thresholding": 0.0, "sample_max_value": 1.0}
+
+
+def sampler_options(config) -> Dict[str, Any]:
+  """The config's sampler options for `samplers.make_sampler` (missing ones: defaults)."""
+  return {k: config.get(k, v) for k, v in SAMPLER_OPTIONS.items()}
+
+
 class Noise(NamedTuple):
   """Starting noise and step-noise keys of the calibration and evaluation seeds."""
   x_cal: jax.Array

@@ -92,7 +92,8 @@ def validate(cfg: ml_collections.ConfigDict) -> SweepSpec:
   methods = ["none"] + [m for m in methods if m != "none"]
   names = parse_list(cfg.samplers, None, "sampler")
   for n in names:
-    parse_sampler(n)
+    kind, steps = parse_sampler(n)
+    samplers.check_sampler_args(kind, steps, **stages.sampler_options(cfg))
   if cfg.ref_sampler not in names:
     raise ValueError(f"ref_sampler {cfg.ref_sampler!r} must be one of samplers {names}.")
   options = parse_list(cfg.ptq_options, None, "PTQ option")
@@ -248,7 +249,8 @@ def _set_up(cfg, spec: SweepSpec, log: Progress) -> _Setup:
   compiled = {}
   for name in spec.samplers:
     kind, steps = parse_sampler(name)
-    compiled[name] = Compiled(model, samplers.make_sampler(kind, model.schedule, steps))
+    compiled[name] = Compiled(model, samplers.make_sampler(kind, model.schedule, steps,
+                                                           **stages.sampler_options(cfg)))
   s = _Setup(cfg, spec, log, model, compiled, Memo(), None)
   return s._replace(fd=_fd_reference(s)) if spec.fd_methods else s
 

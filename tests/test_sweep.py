@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from configs_loader import load_config
 from tac_jax import sweep
 
 
@@ -39,3 +40,14 @@ def test_sweep_rejects_bad_names():
     sweep.parse_sampler("euler20")
   with pytest.raises(ValueError, match="PTQ option"):
     sweep.ptq_option("minmax_tgx")
+  # The sweep takes the main job's sampler options and checks them before running.
+  cfg = load_config("sweep")
+  cfg.spacing = "leading"
+  cfg.steps_offset = 1
+  assert sweep.validate(cfg).samplers == ("ddim10", "ddim25", "ddim50", "ddpm50")
+  cfg.spacing = "cosine"
+  with pytest.raises(ValueError, match="unknown spacing 'cosine'"):
+    sweep.validate(cfg)
+  cfg.spacing, cfg.thresholding = "leading", 2.0
+  with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
+    sweep.validate(cfg)
