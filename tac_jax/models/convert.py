@@ -215,12 +215,7 @@ def abstract_params(config: UNetConfig):
 
 def flax_path(torch_key: str) -> Tuple[str, ...]:
   """`down_blocks.0.attentions.1.query.weight` -> (down_blocks_0, attentions_1, to_q, weight)."""
-  parts = []
-  for tok in torch_key.split("."):
-    if tok.isdigit() and parts:
-      parts[-1] = f"{parts[-1]}_{tok}"
-    else:
-      parts.append(tok)
+  parts = list(torch_weights.default_path(torch_key))
   if len(parts) >= 2 and parts[-2] in LEGACY_ATTENTION:
     parts[-2] = LEGACY_ATTENTION[parts[-2]].replace(".", "_")
   return tuple(parts)
@@ -242,7 +237,8 @@ def to_diffusers_state_dict(params) -> Dict[str, np.ndarray]:
   out = {}
   for path, v in traverse_util.flatten_dict(jax.device_get(params)).items():
     mod = ".".join(_split_index(p) for p in path[:-1])
-    out[f"{mod}.{'bias' if path[-1] == 'bias' else 'weight'}"] = np.asarray(torch_weights.flax_to_torch(np.asarray(v)))
+    leaf = "bias" if path[-1] == "bias" else "weight"
+    out[f"{mod}.{leaf}"] = np.asarray(torch_weights.flax_to_torch(np.asarray(v)))
   return out
 
 

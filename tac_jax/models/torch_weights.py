@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -33,7 +32,8 @@ Path = Tuple[str, ...]
 KeyMap = Union[None, Mapping[str, Any], Callable[[str], Any]]
 
 
-def _kernel(w: np.ndarray) -> np.ndarray:
+def torch_to_flax(w: np.ndarray) -> np.ndarray:
+  """A torch Linear / Conv2d weight in Flax's kernel layout (other ranks unchanged)."""
   if w.ndim == 4:
     return w.transpose(2, 3, 1, 0)     # [O, I, kh, kw] -> [kh, kw, I, O]
   if w.ndim == 2:
@@ -46,13 +46,8 @@ TRANSFORMS: Dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "linear": lambda w: w.T,
     "conv": lambda w: w.transpose(2, 3, 1, 0),
     "conv_transpose": lambda w: w.transpose(2, 3, 0, 1)[::-1, ::-1],
-    "kernel": _kernel,
+    "kernel": torch_to_flax,
 }
-
-
-def torch_to_flax(w: np.ndarray) -> np.ndarray:
-  """A torch Linear / Conv2d weight in Flax's kernel layout (other ranks unchanged)."""
-  return _kernel(w)
 
 
 def flax_to_torch(w: np.ndarray) -> np.ndarray:
@@ -101,8 +96,6 @@ def _target(key: str, key_map: KeyMap, want) -> Optional[Tuple[Path, str]]:
     if transform not in TRANSFORMS:
       raise ValueError(f"key_map[{key!r}]: unknown transform {transform!r}; choose one of "
                        f"{sorted(TRANSFORMS)}.")
-  elif isinstance(entry, tuple) and all(isinstance(e, str) for e in entry):
-    path, transform = entry, ""      # default_path's parts
   else:
     raise ValueError(f"key_map[{key!r}] = {entry!r}: expected 'flax/path', "
                      "('flax/path', transform) or None.")
@@ -133,7 +126,7 @@ def map_state_dict(state_dict: Mapping[str, Any], module_params, key_map: KeyMap
     ValueError naming every missing leaf, unexpected key, unknown transform and shape
     mismatch at once.
   """
-  want = traverse_util.flatten_dict(jax.tree.map(lambda a: a, module_params))
+  want = traverse_util.flatten_dict(module_params)
   got: Dict[Path, np.ndarray] = {}
   unexpected, mismatched, seen = [], [], set()
   for key, value in state_dict.items():

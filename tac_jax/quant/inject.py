@@ -100,7 +100,7 @@ class QuantConfig:
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
   """Static description of one quantized layer."""
-  kind: str          # 'dense', 'conv' or 'conv_transpose'
+  kind: str          # LAYER_KINDS: 'dense', 'conv', 'conv_transpose' or 'matmul'
   w_bits: int
   a_bits: int
   a_symmetric: bool
@@ -112,6 +112,11 @@ class LayerSpec:
   @property
   def packed(self) -> bool:
     return self.w_bits <= 4
+
+  @property
+  def weighted(self) -> bool:
+    """Whether the layer has a kernel (a matmul multiplies two activations)."""
+    return self.kind != "matmul"
 
 
 def layer_path(module: nn.Module) -> str:
@@ -311,11 +316,11 @@ def observing_interceptor(sample_size: int) -> Callable:
   def intercept(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name == "__call__" and has_kernel(module):
-      flat = jnp.ravel(args[0]).astype(jnp.float32)
+      x = jnp.asarray(args[0], jnp.float32).reshape(-1, args[0].shape[-1])
+      flat = x.ravel()
       # Always `sample_size` values (repeating when the tensor is smaller), so every
       # layer's statistics have one shape and the range fits compile once.
       idx = (jnp.arange(sample_size) * flat.shape[0]) // sample_size
-      x = jnp.asarray(args[0], jnp.float32).reshape(-1, args[0].shape[-1])
       module.sow(STATS_COLLECTION, "x", (flat[idx], (idx % x.shape[-1]).astype(jnp.int32),
                                          jnp.min(x, axis=0), jnp.max(x, axis=0)))
     return next_fun(*args, **kwargs)

@@ -53,10 +53,13 @@ FLOAT_REASONS = {
 }
 
 
-def _float_reason(kind: str, config: QuantConfig) -> str:
+def _unsupported(kind: str, config: QuantConfig) -> Optional[str]:
+  """The FLOAT_REASONS key of a layer kind `config` leaves in float, or None."""
   if kind == "matmul" and not config.attention_matmuls:
     return "matmul"
-  return "group" if kind == "conv_transpose" and config.group_size else "config"
+  if kind == "conv_transpose" and config.group_size:
+    return "group"       # the group-wise path has no transposed conv
+  return None
 
 
 def select_layers(layers: Mapping[str, str], config: QuantConfig) -> Dict[str, LayerSpec]:
@@ -66,9 +69,7 @@ def select_layers(layers: Mapping[str, str], config: QuantConfig) -> Dict[str, L
   for path, kind in layers.items():
     if not inc.search(path) or exc.search(path):
       continue
-    if kind == "conv_transpose" and config.group_size:
-      continue   # the group-wise path has no transposed conv: FLOAT_REASONS
-    if kind == "matmul" and not config.attention_matmuls:
+    if _unsupported(kind, config):
       continue
     eight = bool(keep8.search(path))
     chosen[path] = LayerSpec(kind=kind, w_bits=8 if eight else config.w_bits,
@@ -153,7 +154,7 @@ class QuantizedModel:
   def memory_report(self, float_params: Params) -> Dict[str, int]:
     """Bytes of the float model vs this model, and of the quantized layers alone."""
     flat_float = traverse_util.flatten_dict(float_params, sep="/")
-    weighted = [p for p, spec in self.specs.items() if spec.kind != "matmul"]
+    weighted = [p for p, spec in self.specs.items() if spec.weighted]
     w_float = sum(core.storage_bytes(flat_float[f"{p}/kernel"]) for p in weighted)
     flat_q = traverse_util.flatten_dict(self.variables[QUANT_COLLECTION], sep="/")
     w_int = sum(core.storage_bytes(flat_q[f"{p}/w"]) for p in weighted)
@@ -262,7 +263,7 @@ def fit_activation_ranges(stats, specs: Mapping[str, LayerSpec], config: QuantCo
   layer) with the configured observer; a group without calls uses all of them."""
   ranges = {}
   for path, spec in specs.items():
-    if spec.kind == "matmul":    # both operands quantized at run time
+    if not spec.weighted:    # a matmul: both operands quantized at run time
       continue
     if path not in stats:
       raise ValueError(f"layer {path} recorded no activations during calibration.")
@@ -270,16 +271,17 @@ def fit_activation_ranges(stats, specs: Mapping[str, LayerSpec], config: QuantCo
     everything = [r for g in groups for r in g]
     n = everything[0].cmin.shape[0]
     parts = ((0, spec.split), (spec.split, n)) if spec.split else ((0, n),)
-    for lo, hi in parts:
-      observers.check_calibration_data(np.concatenate([act_stats.part_data(r, lo, hi)
-                                                       for r in everything]),
-                                       f"activations of layer {path}")
+    part_data = lambda records, lo, hi: np.concatenate([act_stats.part_data(r, lo, hi)
+                                                        for r in records])
+    overall = {part: part_data(everything, *part) for part in parts}
+    for data in overall.values():
+      observers.check_calibration_data(data, f"activations of layer {path}")
     scales, zeros = [], []
-    for g in groups:
-      fits = [_fit_range(jnp.asarray(np.concatenate([act_stats.part_data(r, lo, hi)
-                                                     for r in (g or everything)])),
+    for g in groups:   # one group (the default) is all calls: reuse their data
+      fits = [_fit_range(jnp.asarray(overall[part] if len(g) in (0, len(everything))
+                                     else part_data(g, *part)),
                          config.a_observer, spec.a_bits, spec.a_symmetric, config.percentile)
-              for lo, hi in parts]
+              for part in parts]
       scales.append(jnp.stack([f[0] for f in fits]))
       zeros.append(jnp.stack([f[1] for f in fits]))
     shape = (len(groups), 2) if spec.split else (len(groups),)
@@ -295,8 +297,7 @@ def split_specs(specs: Mapping[str, LayerSpec], stats, config: QuantConfig
   pattern = re.compile(config.split_layers)
   out = dict(specs)
   for path, spec in specs.items():
-    if (pattern.search(path) and spec.kind != "matmul" and not spec.group_size
-        and not config.a_dynamic):
+    if pattern.search(path) and spec.weighted and not spec.group_size and not config.a_dynamic:
       records = [r for g in stats[path] for r in g]
       out[path] = dataclasses.replace(spec, split=act_stats.choose_split(
           *act_stats.channel_range(records)))
@@ -332,13 +333,13 @@ def _layer_specs(module, params, calib, config: QuantConfig):
   args = (x0,) if t0 is None else (x0, jnp.full((x0.shape[0],), t0, jnp.int32))
   layers = list_layers(module, {"params": params}, *args)
   specs = select_layers(layers, config)
-  excluded = {p: FLOAT_REASONS[_float_reason(layers[p], config)] for p in layers
+  excluded = {p: FLOAT_REASONS[_unsupported(layers[p], config) or "config"] for p in layers
               if p not in specs}
   if not specs:
     raise ValueError(f"QuantConfig selects none of the model's layers {sorted(layers)}; "
                      "check include/exclude.")
   flat = traverse_util.flatten_dict(params, sep="/")
-  kernels = {path: flat[f"{path}/kernel"] for path, s in specs.items() if s.kind != "matmul"}
+  kernels = {path: flat[f"{path}/kernel"] for path, s in specs.items() if s.weighted}
   for path, kernel in kernels.items():
     observers.check_calibration_data(kernel, f"weight of layer {path}")
     k, n = int(np.prod(kernel.shape[:-1])), int(kernel.shape[-1])
