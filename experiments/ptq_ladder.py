@@ -24,6 +24,8 @@ def main():
   ap.add_argument("--settings", default="W4A8,W4A4")
   ap.add_argument("--presets", default="minmax,mse,minmax_bc,qdiff,groupwise,smoothquant,svdquant,"
                                        "svdquant_bc")
+  ap.add_argument("--attention_matmuls", action="store_true",
+                  help="also quantize the attention matmuls (q k^T, softmax v)")
   args = ap.parse_args()
   model = stages.load_model(args.checkpoint)
   jit = stages.Compiled(model, samplers.make_sampler("ddim", model.schedule, args.steps, 0.0,
@@ -36,7 +38,8 @@ def main():
     for preset in args.presets.split(","):
       t0 = time.time()
       qm = stages.quantize(model, calib, presets.quant_config(
-          presets.quant_defaults(), *stages.SETTINGS[setting], preset))
+          presets.quant_defaults(), *stages.SETTINGS[setting], preset,
+          attention_matmuls=args.attention_matmuls))
       ev = stages.evaluate(jit, qm, jit.none, noise.x_eval, noise.key_eval, ref)
       mem = qm.memory_report(model.params)
       rows.append([setting, preset, f"{ev['psnr']['mean']:.2f} ± {ev['psnr']['std']:.2f}",
