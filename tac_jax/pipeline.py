@@ -188,7 +188,8 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
   log(f"{tag}: propagation model: final error RMS {prop['measured_rms'][-1]:.4f}, closed "
       f"form corr {np.mean(prop['closed_form_corr'][1:]):.3f}")
   fitted = {m: stages.fit_method(m, ctx.model, ctx.jit, qm, ctx.noise.x_cal, ctx.noise.key_cal,
-                                 phi, job.safe, log=lambda s: log(f"{tag}: {s}"))
+                                 phi, job.safe, log=lambda s: log(f"{tag}: {s}"),
+                                 features=ctx.fd.extractor if ctx.fd is not None else None)
             for m in job.methods}
   log(f"{tag}: calibrated " + ", ".join(f"{m} {f.seconds:.1f}s" for m, f in fitted.items()
                                         if m != "none"))

@@ -240,15 +240,16 @@ class Fitted(NamedTuple):
 
 def fit_method(method, model: Model, jit: Compiled, qm: quant.QuantizedModel, x_cal, key_cal,
                phi=None, safe_config: Optional[errors.SafeConfig] = None,
-               log: Optional[Callable[[str], None]] = None) -> Fitted:
-  """Fits one compensation method (a name in errors.METHODS or a FitConfig) on `x_cal`."""
+               log: Optional[Callable[[str], None]] = None, features=None) -> Fitted:
+  """Fits one compensation method (a name in errors.METHODS or a FitConfig) on `x_cal`;
+  `features` (images -> features) is the FD guard's feature space for tcec_safe."""
   t0, report, c = time.perf_counter(), None, jit.sampler.coeffs
   fq = qm.apply_fn("fake")
   if method == errors.SAFE_METHOD:
     p, report = errors.calibrate_safe(model.module.apply, model.variables, fq, qm.variables,
                                       jit.sampler, x_cal, key_cal, safe_config or errors.SafeConfig(),
-                                      phi=phi,
-                                      schedule=model.schedule, log=log)
+                                      phi=phi, schedule=model.schedule, log=log,
+                                      features=features)
     report = {k: v for k, v in report.items() if k != "candidates"}
   elif method == "none":
     p = errors.zero_params(c.num_steps, model.channels, c.t, phi)

@@ -143,7 +143,9 @@ def _fit(s: _Setup, qm, noise, sname: str, method, where: Tuple, x_cal=None):
 
   def compute():
     name = "none" if m is None else m
-    return stages.fit_method(name, s.model, s.compiled[sname], qm, x, noise.key_cal).params
+    feats = s.fd[3].extractor if s.fd is not None else None
+    return stages.fit_method(name, s.model, s.compiled[sname], qm, x, noise.key_cal,
+                             features=feats).params
 
   return s.memo(("fit",) + where + (sname, m, size), compute)
 

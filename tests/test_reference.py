@@ -186,3 +186,47 @@ def test_scaled_params_zero_is_identity_and_one_is_unchanged():
   np.testing.assert_array_equal(_run(offset_eps, sampler, x, key, errors.scale_params(p, 0.0, 0.0)),
                                 _run(offset_eps, sampler, x, key))
   jax.tree.map(np.testing.assert_array_equal, errors.scale_params(p, 1.0, 1.0), p)
+
+
+def _row(gain, offset, psnr, fd, deviation=0.0):
+  return {"gain": gain, "offset": offset, "psnr": psnr, "fd_vs_float": fd, "deviation": deviation}
+
+
+def test_fd_guard_rules_out_psnr_bought_with_a_worse_distribution():
+  rows = [_row(0, 0, 10.0, 100.0), _row(1, 1, 16.0, 140.0), _row(0.5, 1, 13.0, 98.0),
+          _row(1, 0.5, 14.0, 90.0, deviation=1.0)]   # best FD, but blurred
+  chosen, fell_back = errors.choose_strength(rows, errors.SafeConfig())
+  assert not fell_back and (chosen["gain"], chosen["offset"]) == (0.5, 1)
+  assert [r["admissible"] for r in rows] == [True, False, True, False]
+  # a looser FD tolerance admits the 16 dB strength; a negative one switches the guard off
+  assert errors.choose_strength(rows, errors.SafeConfig(fd_tol=0.5))[0]["psnr"] == 16.0
+  assert errors.choose_strength(rows, errors.SafeConfig(fd_tol=-1))[0]["psnr"] == 16.0
+  # nothing admissible beats no correction: fall back
+  chosen, fell_back = errors.choose_strength([_row(0, 0, 10.0, 100.0), _row(1, 1, 16.0, 101.0)],
+                                             errors.SafeConfig())
+  assert fell_back and chosen["gain"] == 0 and chosen["offset"] == 0
+
+
+def test_safe_fit_reports_validation_fd_in_the_given_feature_space():
+  sampler = samplers.ddim(SCHED, 10)
+  fq = lambda v, x, t: GAIN * gaussian_eps(v, x, t) + jnp.array([0.1, -0.1, 0.05])
+  calls = []
+
+  def feats(x):
+    calls.append(x.shape)
+    return np.asarray(x).reshape(x.shape[0], -1)[:, :8].astype(np.float64)
+
+  _, rep = errors.calibrate_safe(gaussian_eps, {}, fq, {}, sampler, _x(0, 64), jax.random.key(1),
+                                 errors.SafeConfig(base="tcec"), features=feats)
+  assert len(calls) == 26 and calls[0] == (32, 4, 4, 3)   # the float reference + 25 strengths
+  assert rep["val_fd"] < 0.1 * rep["val_fd_none"]         # the exact fix restores the distribution
+  assert all(np.isfinite(r["fd_vs_float"]) for r in rep["candidates"])
+
+
+def test_coarse_features_shape_and_area_averaging():
+  from tac_jax.metrics import frechet
+  x = np.ones((2, 16, 16, 3), np.float32) * np.array([0.5, -1.0, 0.25], np.float32)
+  f = frechet.coarse_features(x)
+  assert f.shape == (2, 8 * 8 * 3)
+  np.testing.assert_allclose(f.reshape(2, 8, 8, 3)[0, 3, 3], [0.5, -1.0, 0.25], rtol=1e-6)
+  assert frechet.coarse_features(np.zeros((2, 4, 4, 1))).shape == (2, 16)   # smaller: unchanged

@@ -5,10 +5,14 @@ fitted correction in a validation loop that cannot do worse than no correction o
 held-out calibration seeds: the calibration seeds are split into a fit half and a
 validation half; the correction is fitted on the first; on the second, every strength
 (gain term, offset term) on a grid -- (0, 0), no correction, included -- is sampled and
-scored by the final-sample PSNR against the float model; strengths whose samples lose
-more contrast or sharpness than plain PTQ's (beyond a tolerance) are not admissible, and
-unless the best admissible strength beats no correction by `min_gain_db`, the result is
-no correction (a fallback the report states).
+scored by the final-sample PSNR against the float model. A strength is admissible only if
+its samples are (a) no further in contrast and sharpness from the float model's than
+plain PTQ's (beyond a tolerance) and (b) no further in distribution: their Frechet
+distance to the float model's validation samples, in a feature space the caller gives
+(the shipped classifier's in the launchers; coarse pixels otherwise), is at most
+`1 + fd_tol` times plain PTQ's. PSNR alone can be bought with blur; (a) and (b) stop
+that. Unless the best admissible strength beats no correction by `min_gain_db`, the
+result is no correction (a fallback the report states).
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tac_jax import metrics
+from tac_jax.metrics import frechet
 from tac_jax.diffusion.samplers import ApplyFn, Sampler, sample
 from tac_jax.diffusion.schedules import Schedule
 from tac_jax.errors import reference
@@ -83,6 +88,8 @@ class SafeConfig:
   val_fraction: float = 0.5                   # share of calibration seeds held out
   min_gain_db: float = 0.05                   # needed over no correction on validation
   quality_tol: float = 0.05                   # extra |log std ratio| + |log sharpness ratio|
+  fd_tol: float = 0.0                         # validation FD vs float: <= (1 + fd_tol) x none's
+                                              # (< 0 switches the FD guard off)
 
   def __post_init__(self):
     if self.base == SAFE_METHOD or self.base == "none":
@@ -91,6 +98,8 @@ class SafeConfig:
       raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}.")
     if 0.0 not in self.strengths or any(s < 0 for s in self.strengths):
       raise ValueError(f"strengths must be >= 0 and include 0 (no correction), got {self.strengths}.")
+    if not np.isfinite(self.fd_tol):
+      raise ValueError(f"fd_tol must be finite (< 0 switches the FD guard off), got {self.fd_tol}.")
 
 
 def quality_deviation(std_ratio, sharpness_ratio) -> float:
@@ -100,6 +109,21 @@ def quality_deviation(std_ratio, sharpness_ratio) -> float:
   if not np.all(np.isfinite(ratios) & (ratios > 0)):
     return float("inf")
   return float(np.sum(np.abs(np.log(ratios))))
+
+
+def choose_strength(rows, config: SafeConfig) -> Tuple[Dict[str, Any], bool]:
+  """(chosen row, fell_back) among validation `rows` (dicts with gain, offset, psnr,
+  deviation, fd_vs_float; the (0, 0) row is no correction). Marks each row `admissible`:
+  contrast / sharpness deviation at most no correction's + `quality_tol`, and (when
+  `fd_tol` >= 0) FD vs float at most (1 + `fd_tol`) x no correction's. The best admissible
+  PSNR wins unless it beats no correction by less than `min_gain_db` (then: fell back)."""
+  none = next(r for r in rows if r["gain"] == 0 and r["offset"] == 0)
+  for r in rows:
+    r["admissible"] = bool(r["deviation"] <= none["deviation"] + config.quality_tol and (
+        config.fd_tol < 0 or r["fd_vs_float"] <= none["fd_vs_float"] * (1 + config.fd_tol)))
+  best = max((r for r in rows if r["admissible"]), key=lambda r: r["psnr"])
+  fell_back = best["psnr"] < none["psnr"] + config.min_gain_db
+  return (none if fell_back else best), bool(fell_back)
 
 
 def split_calibration(x_T: jax.Array, key: jax.Array, val_fraction: float):
@@ -115,10 +139,13 @@ def split_calibration(x_T: jax.Array, key: jax.Array, val_fraction: float):
 def calibrate_safe(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampler,
                    x_T: jax.Array, key: jax.Array, config: SafeConfig = SafeConfig(),
                    phi: Optional[jax.Array] = None, schedule: Optional[Schedule] = None,
-                   log=None) -> Tuple[CorrectionParams, Dict[str, Any]]:
+                   log=None, features: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                   ) -> Tuple[CorrectionParams, Dict[str, Any]]:
   """Fits `config.base` on part of the calibration seeds and picks its strength on the rest.
 
-  Args: as `calibrate`, plus `config` (SafeConfig) and `log` (a print-like callable).
+  Args: as `calibrate`, plus `config` (SafeConfig), `log` (a print-like callable) and
+    `features` (host images [B, H, W, C] -> features [B, D] for the FD guard; default
+    `metrics.frechet.coarse_features`, which works for any image or latent shape).
   Returns:
     (params, report): the correction at the chosen strength (all zeros when it fell back)
     and a dict with the chosen `gain` / `offset`, `fell_back`, the validation PSNR of no
@@ -131,31 +158,38 @@ def calibrate_safe(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: 
   base = fit(x_fit, key_fit)
   x_ref = jax.jit(lambda x, k: sample(apply_fp, var_fp, sampler, x, k)[0].x)(x_val, key_val)
 
+  guard_fd = config.fd_tol >= 0
+  features = features or frechet.coarse_features
+  ref_stats = frechet.gaussian_stats(features(to_host(x_ref))) if guard_fd else None
+
   @jax.jit
   def score(params):
     x = sample(apply_q, var_q, compensate(sampler, params), x_val, key_val)[0].x
     q = metrics.quality_ratios(x, x_ref)
-    return jnp.mean(metrics.psnr(x, x_ref)), q["std_ratio"], q["sharpness_ratio"], jnp.all(
-        jnp.isfinite(x))
+    return (jnp.mean(metrics.psnr(x, x_ref)), q["std_ratio"], q["sharpness_ratio"],
+            jnp.all(jnp.isfinite(x)), x)
 
   rows = []
   for gain, offset in itertools.product(config.strengths, config.strengths):
-    psnr, std_r, sharp_r, finite = (float(to_host(v)) for v in score(scale_params(base, gain, offset)))
+    *scores, x = score(scale_params(base, gain, offset))
+    psnr, std_r, sharp_r, finite = (float(to_host(v)) for v in scores)
+    fd = float("inf") if not finite else (
+        frechet.frechet_distance_from_stats(*frechet.gaussian_stats(features(to_host(x))),
+                                            *ref_stats) if guard_fd else float("nan"))
     rows.append({"gain": gain, "offset": offset, "psnr": psnr if finite else float("-inf"),
-                 "std_ratio": std_r, "sharpness_ratio": sharp_r,
+                 "std_ratio": std_r, "sharpness_ratio": sharp_r, "fd_vs_float": fd,
                  "deviation": quality_deviation(std_r, sharp_r) if finite else float("inf")})
+  chosen, fell_back = choose_strength(rows, config)
   none = next(r for r in rows if r["gain"] == 0 and r["offset"] == 0)
-  for r in rows:
-    r["admissible"] = bool(r["deviation"] <= none["deviation"] + config.quality_tol)
-  best = max((r for r in rows if r["admissible"]), key=lambda r: r["psnr"])
-  fell_back = best["psnr"] < none["psnr"] + config.min_gain_db
-  chosen = none if fell_back else best
   report = {"base": config.base, "gain": chosen["gain"], "offset": chosen["offset"],
-            "fell_back": bool(fell_back), "val_psnr_none": none["psnr"],
-            "val_psnr": chosen["psnr"], "num_fit": int(x_fit.shape[0]),
+            "fell_back": fell_back, "val_psnr_none": none["psnr"],
+            "val_psnr": chosen["psnr"], "val_fd_none": none["fd_vs_float"],
+            "val_fd": chosen["fd_vs_float"], "num_fit": int(x_fit.shape[0]),
             "num_val": int(x_val.shape[0]), "candidates": rows}
   if log is not None:
     log(f"{SAFE_METHOD}: {config.base} at gain {chosen['gain']}, offset {chosen['offset']} "
-        f"(validation PSNR {chosen['psnr']:.2f} vs {none['psnr']:.2f} dB without)"
-        + (" -- fell back to no correction" if fell_back else ""))
+        f"(validation PSNR {chosen['psnr']:.2f} vs {none['psnr']:.2f} dB without"
+        + (f", FD vs float {chosen['fd_vs_float']:.1f} vs {none['fd_vs_float']:.1f}" if guard_fd else "")
+        + f"; {sum(not r['admissible'] for r in rows)} of {len(rows)} strengths ruled out by the "
+        "quality guards)" + (" -- fell back to no correction" if fell_back else ""))
   return scale_params(base, chosen["gain"], chosen["offset"]), report

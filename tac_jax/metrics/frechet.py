@@ -158,3 +158,17 @@ def frechet_distance_from_stats(mu1, s1, mu2, s2) -> float:
 def frechet_distance(features_1: np.ndarray, features_2: np.ndarray) -> float:
   """FD of two feature sets [N, D]."""
   return frechet_distance_from_stats(*gaussian_stats(features_1), *gaussian_stats(features_2))
+
+
+def coarse_features(images, size: int = 8) -> np.ndarray:
+  """Features for any image or latent shape, no classifier: each channel resized
+  (antialiased, i.e. area-averaged when shrinking) to at most `size` x `size` and
+  flattened. A Frechet distance here compares coarse layout and contrast distributions;
+  `calibrate_safe` uses it when no feature extractor is given."""
+  x = np.asarray(images, np.float32)
+  if x.ndim != 4:
+    raise ValueError(f"coarse_features takes images [B, H, W, C], got shape {x.shape}.")
+  h, w = min(size, x.shape[1]), min(size, x.shape[2])
+  if (h, w) != x.shape[1:3]:
+    x = np.asarray(jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), "linear", antialias=True))
+  return x.reshape(x.shape[0], -1).astype(np.float64)
