@@ -41,11 +41,17 @@ def best_baseline(entries: List[Dict[str, Any]], default: str) -> Optional[str]:
   return max(others, key=lambda e: e["psnr_fake"]["mean"])["method"] if others else None
 
 
+def strength_label(v) -> str:
+  """A tcec_safe strength: `0.5`, or per segment of steps `0.25/1`."""
+  return "/".join(f"{x:g}" for x in v) if isinstance(v, (list, tuple)) else f"{v:g}"
+
+
 def _method_label(r: Dict[str, Any]) -> str:
   name = r["method"]
   if "safe" in r:
     sf = r["safe"]
-    name += " (fell back)" if sf["fell_back"] else f" (gain {sf['gain']:g}, offset {sf['offset']:g})"
+    name += " (fell back)" if sf["fell_back"] else \
+        f" (gain {strength_label(sf['gain'])}, offset {strength_label(sf['offset'])})"
   return name + (" **diverged**" if r.get("diverged") else "")
 
 

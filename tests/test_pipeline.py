@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -27,6 +29,7 @@ def test_main_job_launcher_writes_results(tiny_runs):
     if m == "tcec_safe":  # validated strength, or the fallback, on held-out calibration seeds
       assert r["safe"]["num_fit"] == 4 and r["safe"]["num_val"] == 4
       assert r["safe"]["fell_back"] or r["safe"]["val_psnr"] >= r["safe"]["val_psnr_none"]
+      assert r["safe"]["fell_back"] or r["safe"]["val_fd"] <= r["safe"]["val_fd_none"]  # FD guard
     if "psnr_int" in r:  # fake-quant and the integer path agree (same integers, same rescale)
       assert abs(r["psnr_fake"]["mean"] - r["psnr_int"]["mean"]) < 0.05
     assert len(r["error_rms_per_step"]) == 3
@@ -127,3 +130,18 @@ def test_main_job_runs_a_model_from_a_factory(tmp_path):
     cfg.model = spec
     with pytest.raises(ValueError, match=match):
       pipeline.run(cfg, str(tmp_path / "bad"), verbose=False)
+
+
+def test_acceptance_report_reads_the_main_job_output(tiny_runs):
+  out, _, res = _results(tiny_runs)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, os.path.join(root, "experiments", "acceptance.py"),
+                         f"--dirs={out}"], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  runs = {(r["setting"], r["method"]): r for r in res["runs"]}
+  for setting in ("W8A8", "W4A4"):
+    none, safe = runs[(setting, "none")]["psnr_fake"]["mean"], runs[(setting, "tcec_safe")]["psnr_fake"]["mean"]
+    line = next(l for l in proc.stdout.splitlines() if f"| {setting} |" in l)
+    assert f"{none:.2f} -> {safe:.2f}" in line and ("1 of 1" in line or "0 of 1" in line)
+    assert ("| ok |" in line) == (safe >= none - 0.2)   # no FD here: the tiny model has no data
+  assert "bar met in" in proc.stdout

@@ -4,6 +4,7 @@ default (validated strength, fallback to no correction)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tac_jax import errors
 from tac_jax.diffusion import samplers, schedules
@@ -230,3 +231,40 @@ def test_coarse_features_shape_and_area_averaging():
   assert f.shape == (2, 8 * 8 * 3)
   np.testing.assert_allclose(f.reshape(2, 8, 8, 3)[0, 3, 3], [0.5, -1.0, 0.25], rtol=1e-6)
   assert frechet.coarse_features(np.zeros((2, 4, 4, 1))).shape == (2, 16)   # smaller: unchanged
+
+
+def affine_then_noise_eps(v, x, t):
+  """An affine (correctable) error at the early steps, pure noise at the late ones."""
+  z = jnp.sin(1e3 * jnp.sum(x, axis=(1, 2), keepdims=True) + t[0])
+  base = gaussian_eps(v, x, t)
+  return jnp.where(t[0] > 500, GAIN * base + jnp.array([0.1, -0.1, 0.05]), base + 0.3 * z)
+
+
+def test_safe_fit_per_segment_corrects_where_the_error_is_correctable():
+  sampler = samplers.ddim(SCHED, 10)
+  run = lambda S: errors.calibrate_safe(gaussian_eps, {}, affine_then_noise_eps, {}, sampler,
+                                        _x(0, 128), jax.random.key(1),
+                                        errors.SafeConfig(base="tcec", segments=S))
+  (_, one), (p, two) = run(1), run(2)
+  assert not one["fell_back"] and not two["fell_back"] and len(two["candidates"]) > 25
+  # early segment: the full fit; late segment (noise): a weaker one, and a better validation
+  gains, offsets = (errors.methods._per_segment(two[k], 2) for k in ("gain", "offset"))
+  assert gains[0] == 1.0 and offsets[0] == 1.0 and min(gains[1], offsets[1]) < 1.0
+  assert two["val_psnr"] > one["val_psnr"] + 0.5
+  # the returned params are the per-segment choice: the late steps' terms are scaled down
+  full = errors.calibrate(gaussian_eps, {}, affine_then_noise_eps, {}, sampler, _x(0, 64),
+                          jax.random.key(1), "tcec")
+  np.testing.assert_allclose(np.asarray(p.K[:5]), np.asarray(full.K[:5]), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(p.K[5:]), gains[1] * np.asarray(full.K[5:]), rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_scale_params_per_step():
+  p = _fit("tac", offset_eps, samplers.ddim(SCHED, 4))
+  g = jnp.array([1.0, 0.5, 0.0, 2.0])
+  s = errors.scale_params(p, g, 1.0 - g)
+  np.testing.assert_allclose(np.asarray(s.K), np.asarray(p.K) * np.asarray(g)[:, None], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(s.x_shift),
+                             np.asarray(p.x_shift) * (1 - np.asarray(g))[:, None, None, None], rtol=1e-6)
+  with pytest.raises(ValueError, match="segments must be >= 1"):
+    errors.SafeConfig(segments=0)

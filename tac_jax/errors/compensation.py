@@ -132,11 +132,18 @@ def at_step(params: CorrectionParams, i) -> CorrectionParams:
   return jax.tree.map(lambda a: a[i], params)
 
 
-def scale_params(params: CorrectionParams, gain: float, offset: float) -> CorrectionParams:
+def scale_params(params: CorrectionParams, gain, offset) -> CorrectionParams:
   """The correction at a strength: `gain` scales the terms proportional to the network
-  output (K, G, K_prev), `offset` the additive ones (beta, x_shift). (0, 0) is the identity."""
-  sc = lambda a, s: None if a is None else a * s
-  return params.replace(K=params.K * gain, beta=params.beta * offset, G=sc(params.G, gain),
+  output (K, G, K_prev), `offset` the additive ones (beta, x_shift); each a scalar or one
+  value per step ([N]). (0, 0) is the identity."""
+
+  def sc(a, s):
+    if a is None:
+      return None
+    s = jnp.asarray(s, a.dtype)
+    return a * s.reshape(s.shape + (1,) * (a.ndim - s.ndim))
+
+  return params.replace(K=sc(params.K, gain), beta=sc(params.beta, offset), G=sc(params.G, gain),
                         K_prev=sc(params.K_prev, gain), x_shift=sc(params.x_shift, offset))
 
 
@@ -161,8 +168,9 @@ def shifted_state(p: CorrectionParams, x):
   return x if p.x_shift is None else x - p.x_shift
 
 
-def network_input(p: CorrectionParams, x, t):
-  """(x_in, t_in) the network sees at this step."""
+def corrected_input(p: CorrectionParams, x, t):
+  """(x_in, t_in) the network sees at this step under the correction `p` (the sampler-level
+  counterpart is `samplers.network_input`)."""
   x = shifted_state(p, x)
   x_in = x if p.in_scale is None else p.in_scale * x
   return x_in, (t if p.t_in is None else p.t_in)
@@ -441,7 +449,7 @@ def compensate(sampler: Sampler, params: Optional[CorrectionParams]) -> Sampler:
                             jnp.zeros_like(x_T))
 
   def prepare(state: CompensatedState, i):
-    return network_input(at_step(params, i), state.x, c.t[i])
+    return corrected_input(at_step(params, i), state.x, c.t[i])
 
   def step(state: CompensatedState, eps_q, i):
     if params is None:

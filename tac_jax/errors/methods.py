@@ -90,6 +90,8 @@ class SafeConfig:
   quality_tol: float = 0.05                   # extra |log std ratio| + |log sharpness ratio|
   fd_tol: float = 0.0                         # validation FD vs float: <= (1 + fd_tol) x none's
                                               # (< 0 switches the FD guard off)
+  segments: int = 1                           # > 1: then refine the strengths per contiguous
+                                              # block of steps (coordinate search on the grid)
 
   def __post_init__(self):
     if self.base == SAFE_METHOD or self.base == "none":
@@ -98,6 +100,8 @@ class SafeConfig:
       raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}.")
     if 0.0 not in self.strengths or any(s < 0 for s in self.strengths):
       raise ValueError(f"strengths must be >= 0 and include 0 (no correction), got {self.strengths}.")
+    if self.segments < 1:
+      raise ValueError(f"segments must be >= 1 (1: one strength for all steps), got {self.segments}.")
     if not np.isfinite(self.fd_tol):
       raise ValueError(f"fd_tol must be finite (< 0 switches the FD guard off), got {self.fd_tol}.")
 
@@ -126,6 +130,50 @@ def choose_strength(rows, config: SafeConfig) -> Tuple[Dict[str, Any], bool]:
   return (none if fell_back else best), bool(fell_back)
 
 
+def _per_segment(value, segments: int) -> Tuple[float, ...]:
+  return tuple(value) if isinstance(value, (tuple, list)) else (value,) * segments
+
+
+def _uniform(values: Tuple[float, ...]):
+  """One value when every segment has it (the report's scalar form), else the tuple."""
+  return values[0] if len(set(values)) == 1 else tuple(values)
+
+
+def segment_strengths(value, num_steps: int, segments: int):
+  """A strength (scalar) or one per segment (tuple) as what `scale_params` takes: the
+  scalar, or a per-step array, segment s covering steps [s N / S, (s + 1) N / S)."""
+  if not isinstance(value, (tuple, list)):
+    return value
+  seg = np.arange(num_steps) * segments // num_steps
+  return jnp.asarray(np.asarray(value, np.float32)[seg])
+
+
+def refine_segments(rows, evaluate, config: SafeConfig, segments: int) -> list:
+  """Coordinate search from the best uniform strength in `rows`: each segment's gain,
+  then offset, over the grid, keeping the best admissible row so far (one pass).
+  `evaluate(gain, offset)` scores a strength; returns the new rows."""
+  new, seen = [], {(r["gain"], r["offset"]) for r in rows}
+  for seg, term in itertools.product(range(segments), ("gain", "offset")):
+    best, _ = choose_strength(rows + new, config)
+    current = {k: _per_segment(best[k], segments) for k in ("gain", "offset")}
+    for v in config.strengths:
+      cand = dict(current, **{term: current[term][:seg] + (v,) + current[term][seg + 1:]})
+      key = tuple(_uniform(cand[k]) for k in ("gain", "offset"))
+      if key not in seen:
+        seen.add(key)
+        new.append(evaluate(*key))
+  return new
+
+
+def _summary(report: Dict[str, Any], base: str, guard_fd: bool) -> str:
+  rows = report["candidates"]
+  return (f"{SAFE_METHOD}: {base} at gain {report['gain']}, offset {report['offset']} "
+          f"(validation PSNR {report['val_psnr']:.2f} vs {report['val_psnr_none']:.2f} dB without"
+          + (f", FD vs float {report['val_fd']:.1f} vs {report['val_fd_none']:.1f}" if guard_fd else "")
+          + f"; {sum(not r['admissible'] for r in rows)} of {len(rows)} strengths ruled out by the "
+          "quality guards)" + (" -- fell back to no correction" if report["fell_back"] else ""))
+
+
 def split_calibration(x_T: jax.Array, key: jax.Array, val_fraction: float):
   """(x_fit, key_fit, x_val, key_val): disjoint seeds, independent step noise."""
   B = x_T.shape[0]
@@ -134,6 +182,34 @@ def split_calibration(x_T: jax.Array, key: jax.Array, val_fraction: float):
     raise ValueError(f"{SAFE_METHOD} splits the calibration seeds into a fit and a validation "
                      f"part: got {B} seed(s) with val_fraction={val_fraction}; use >= 2 seeds.")
   return x_T[:B - n_val], key, x_T[B - n_val:], jax.random.fold_in(key, 1)
+
+
+def _validation_scorer(apply_q, var_q, sampler: Sampler, base: CorrectionParams, x_val, key_val,
+                       x_ref, features, guard_fd: bool, segments: int):
+  """evaluate(gain, offset) -> the validation row of `base` at that strength (scalars, or one
+  value per segment): PSNR, contrast / sharpness ratios and deviation, FD vs float."""
+  N = sampler.coeffs.num_steps
+  ref_stats = frechet.gaussian_stats(features(to_host(x_ref))) if guard_fd else None
+
+  @jax.jit
+  def score(params):
+    x = sample(apply_q, var_q, compensate(sampler, params), x_val, key_val)[0].x
+    q = metrics.quality_ratios(x, x_ref)
+    return (jnp.mean(metrics.psnr(x, x_ref)), q["std_ratio"], q["sharpness_ratio"],
+            jnp.all(jnp.isfinite(x)), x)
+
+  def evaluate(gain, offset):
+    *scores, x = score(scale_params(base, segment_strengths(gain, N, segments),
+                                    segment_strengths(offset, N, segments)))
+    psnr, std_r, sharp_r, finite = (float(to_host(v)) for v in scores)
+    fd = float("inf") if not finite else (
+        frechet.frechet_distance_from_stats(*frechet.gaussian_stats(features(to_host(x))),
+                                            *ref_stats) if guard_fd else float("nan"))
+    return {"gain": gain, "offset": offset, "psnr": psnr if finite else float("-inf"),
+            "std_ratio": std_r, "sharpness_ratio": sharp_r, "fd_vs_float": fd,
+            "deviation": quality_deviation(std_r, sharp_r) if finite else float("inf")}
+
+  return evaluate
 
 
 def calibrate_safe(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampler,
@@ -148,8 +224,10 @@ def calibrate_safe(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: 
     `metrics.frechet.coarse_features`, which works for any image or latent shape).
   Returns:
     (params, report): the correction at the chosen strength (all zeros when it fell back)
-    and a dict with the chosen `gain` / `offset`, `fell_back`, the validation PSNR of no
-    correction and of the choice, and every candidate's scores.
+    and a dict with the chosen `gain` / `offset` (scalars, or tuples with one value per
+    segment of steps when `config.segments` > 1 found a better non-uniform one),
+    `fell_back`, the validation PSNR and FD of no correction and of the choice, and every
+    candidate's scores.
   """
   check_calibration_noise(x_T)
   x_fit, key_fit, x_val, key_val = split_calibration(x_T, key, config.val_fraction)
@@ -159,26 +237,12 @@ def calibrate_safe(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: 
   x_ref = jax.jit(lambda x, k: sample(apply_fp, var_fp, sampler, x, k)[0].x)(x_val, key_val)
 
   guard_fd = config.fd_tol >= 0
-  features = features or frechet.coarse_features
-  ref_stats = frechet.gaussian_stats(features(to_host(x_ref))) if guard_fd else None
-
-  @jax.jit
-  def score(params):
-    x = sample(apply_q, var_q, compensate(sampler, params), x_val, key_val)[0].x
-    q = metrics.quality_ratios(x, x_ref)
-    return (jnp.mean(metrics.psnr(x, x_ref)), q["std_ratio"], q["sharpness_ratio"],
-            jnp.all(jnp.isfinite(x)), x)
-
-  rows = []
-  for gain, offset in itertools.product(config.strengths, config.strengths):
-    *scores, x = score(scale_params(base, gain, offset))
-    psnr, std_r, sharp_r, finite = (float(to_host(v)) for v in scores)
-    fd = float("inf") if not finite else (
-        frechet.frechet_distance_from_stats(*frechet.gaussian_stats(features(to_host(x))),
-                                            *ref_stats) if guard_fd else float("nan"))
-    rows.append({"gain": gain, "offset": offset, "psnr": psnr if finite else float("-inf"),
-                 "std_ratio": std_r, "sharpness_ratio": sharp_r, "fd_vs_float": fd,
-                 "deviation": quality_deviation(std_r, sharp_r) if finite else float("inf")})
+  N, segments = sampler.coeffs.num_steps, min(config.segments, sampler.coeffs.num_steps)
+  evaluate = _validation_scorer(apply_q, var_q, sampler, base, x_val, key_val, x_ref,
+                                features or frechet.coarse_features, guard_fd, segments)
+  rows = [evaluate(g, o) for g, o in itertools.product(config.strengths, config.strengths)]
+  if segments > 1:
+    rows += refine_segments(rows, evaluate, config, segments)
   chosen, fell_back = choose_strength(rows, config)
   none = next(r for r in rows if r["gain"] == 0 and r["offset"] == 0)
   report = {"base": config.base, "gain": chosen["gain"], "offset": chosen["offset"],
@@ -187,9 +251,6 @@ def calibrate_safe(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: 
             "val_fd": chosen["fd_vs_float"], "num_fit": int(x_fit.shape[0]),
             "num_val": int(x_val.shape[0]), "candidates": rows}
   if log is not None:
-    log(f"{SAFE_METHOD}: {config.base} at gain {chosen['gain']}, offset {chosen['offset']} "
-        f"(validation PSNR {chosen['psnr']:.2f} vs {none['psnr']:.2f} dB without"
-        + (f", FD vs float {chosen['fd_vs_float']:.1f} vs {none['fd_vs_float']:.1f}" if guard_fd else "")
-        + f"; {sum(not r['admissible'] for r in rows)} of {len(rows)} strengths ruled out by the "
-        "quality guards)" + (" -- fell back to no correction" if fell_back else ""))
-  return scale_params(base, chosen["gain"], chosen["offset"]), report
+    log(_summary(report, config.base, guard_fd))
+  return scale_params(base, segment_strengths(chosen["gain"], N, segments),
+                      segment_strengths(chosen["offset"], N, segments)), report
