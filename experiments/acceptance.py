@@ -46,7 +46,10 @@ def rows_of(results: Dict[str, Any], method: str, psnr_tol: float, fd_tol: float
            "fd_float": m.get("fd_vs_float"), "fd_data_none": n.get("fd_vs_data"),
            "fd_data": m.get("fd_vs_data"), "safe": m.get("safe"), "others": len(others),
            "beats_psnr": sum(psnr(m) > psnr(o) for o in others.values()),
-           "beats_fd": sum(m.get("fd_vs_data", 0) < o.get("fd_vs_data", 0) for o in others.values())}
+           "beats_fd": sum(m.get("fd_vs_data", 0) < o.get("fd_vs_data", 0) for o in others.values()),
+           "versus": {k: (psnr(m) > psnr(o), m.get("fd_vs_float", 0) < o.get("fd_vs_float", 0),
+                          m.get("fd_vs_data", 0) < o.get("fd_vs_data", 0))
+                      for k, o in others.items()}}
     row["psnr_ok"] = row["psnr"] >= row["psnr_none"] - psnr_tol
     row["fd_ok"] = all(v is None or v <= v0 * (1 + fd_tol) for v, v0 in
                        ((row["fd_float"], row["fd_float_none"]), (row["fd_data"], row["fd_data_none"])))
@@ -82,6 +85,18 @@ def table(rows: List[Dict], method: str) -> str:
   return "\n".join(lines)
 
 
+def versus(rows: List[Dict], method: str) -> str:
+  """Per other method: in how many rows `method` has the higher PSNR / the lower FDs."""
+  names = sorted({k for r in rows for k in r["versus"]})
+  lines = [f"| {method} vs | rows | higher PSNR | lower FD vs float | lower FD vs data |",
+           "|---|---|---|---|---|"]
+  for k in names:
+    v = [r["versus"][k] for r in rows if k in r["versus"]]
+    lines.append(f"| {k} | {len(v)} | " + " | ".join(str(sum(x[j] for x in v)) for j in range(3))
+                 + " |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   dirs = _DIRS.value or sorted(d for d in glob.glob("docs/results*") if os.path.isdir(d))
@@ -95,6 +110,8 @@ def main(argv):
   if not rows:
     raise SystemExit(f"no folder holds both 'none' and {_METHOD.value!r}.")
   print(table(rows, _METHOD.value))
+  if any(r["versus"] for r in rows):
+    print("\n" + versus(rows, _METHOD.value))
   ok = sum(r["psnr_ok"] and r["fd_ok"] for r in rows)
   compared = [r for r in rows if r["others"]]
   print(f"\n{_METHOD.value}: bar met in {ok} of {len(rows)} rows (PSNR >= none - {_PSNR_TOL.value} dB, "
