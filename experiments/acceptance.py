@@ -45,11 +45,12 @@ def rows_of(results: Dict[str, Any], method: str, psnr_tol: float, fd_tol: float
            "psnr_none": psnr(n), "psnr": psnr(m), "fd_float_none": n.get("fd_vs_float"),
            "fd_float": m.get("fd_vs_float"), "fd_data_none": n.get("fd_vs_data"),
            "fd_data": m.get("fd_vs_data"), "safe": m.get("safe"), "others": len(others),
-           "beats_psnr": sum(psnr(m) > psnr(o) for o in others.values()),
-           "beats_fd": sum(m.get("fd_vs_data", 0) < o.get("fd_vs_data", 0) for o in others.values()),
+           # per other method: (higher PSNR, lower FD vs float, lower FD vs data)
            "versus": {k: (psnr(m) > psnr(o), m.get("fd_vs_float", 0) < o.get("fd_vs_float", 0),
                           m.get("fd_vs_data", 0) < o.get("fd_vs_data", 0))
                       for k, o in others.items()}}
+    row["beats_psnr"] = sum(v[0] for v in row["versus"].values())
+    row["beats_fd"] = sum(v[2] for v in row["versus"].values())
     row["psnr_ok"] = row["psnr"] >= row["psnr_none"] - psnr_tol
     row["fd_ok"] = all(v is None or v <= v0 * (1 + fd_tol) for v, v0 in
                        ((row["fd_float"], row["fd_float_none"]), (row["fd_data"], row["fd_data_none"])))
