@@ -27,10 +27,12 @@ def get_config():
   c.default_method = "tcec_safe"    # shown in grids and timed
   c.frechet = True                  # FD vs float and vs data (shipped classifier features)
   c.fd_data_seed = 1000             # colors of the real-data reference set
-  # tcec_safe (errors.SafeConfig): fitted method, validation share, the FD guard's
-  # tolerance (validation FD vs float <= (1 + fd_tol) x plain PTQ's; < 0 switches it off),
-  # and segments of steps with their own strengths (1: one strength for all steps)
-  c.safe = ml_collections.ConfigDict(dict(base="tcec", val_fraction=0.5, fd_tol=0.0, segments=1))
+  # tcec_safe (errors.SafeConfig): fitted method, validation share, the FD guard
+  # (validation FD vs float <= (1 + fd_tol) x plain PTQ's in >= fd_confidence of
+  # fd_resamples paired bootstrap resamples of the validation seeds), and segments of
+  # steps with their own strengths (1: one strength for all steps)
+  c.safe = ml_collections.ConfigDict(dict(base="tcec", val_fraction=0.5, fd_guard=True, fd_tol=0.0,
+                                          fd_confidence=0.9, fd_resamples=200, segments=1))
   c.int_path = True                 # also evaluate the int8 x int8 -> int32 path
   c.timing_repeats = 4              # overhead timing (first observer); 0 disables it
   c.data_parallel = True            # split the seeds over all devices when there are several

@@ -199,13 +199,48 @@ def test_fd_guard_rules_out_psnr_bought_with_a_worse_distribution():
   chosen, fell_back = errors.choose_strength(rows, errors.SafeConfig())
   assert not fell_back and (chosen["gain"], chosen["offset"]) == (0.5, 1)
   assert [r["admissible"] for r in rows] == [True, False, True, False]
-  # a looser FD tolerance admits the 16 dB strength; a negative one switches the guard off
+  # a looser FD tolerance admits the 16 dB strength, and so does switching the guard off;
+  # a negative tolerance is a margin: FD must drop by that share (98 < 100 is not enough)
   assert errors.choose_strength(rows, errors.SafeConfig(fd_tol=0.5))[0]["psnr"] == 16.0
-  assert errors.choose_strength(rows, errors.SafeConfig(fd_tol=-1))[0]["psnr"] == 16.0
+  assert errors.choose_strength(rows, errors.SafeConfig(fd_guard=False))[0]["psnr"] == 16.0
+  assert errors.choose_strength(rows, errors.SafeConfig(fd_tol=-0.05))[0]["psnr"] == 10.0
+  with pytest.raises(ValueError, match="fd_guard=False"):
+    errors.SafeConfig(fd_tol=-1)
   # nothing admissible beats no correction: fall back
   chosen, fell_back = errors.choose_strength([_row(0, 0, 10.0, 100.0), _row(1, 1, 16.0, 101.0)],
                                              errors.SafeConfig())
   assert fell_back and chosen["gain"] == 0 and chosen["offset"] == 0
+
+
+def test_fd_guard_needs_the_gain_in_most_bootstrap_resamples():
+  # lower FD on the validation set as drawn, but in only 60 % of the paired resamples
+  none = dict(_row(0, 0, 10.0, 100.0), fd_resampled=np.full(10, 100.0))
+  lucky = dict(_row(1, 1, 14.0, 95.0), fd_resampled=np.array([90.0] * 6 + [110.0] * 4))
+  sure = dict(_row(0.5, 0.5, 12.0, 97.0), fd_resampled=np.array([95.0] * 9 + [101.0]))
+  chosen, _ = errors.choose_strength([none, lucky, sure], errors.SafeConfig())
+  assert (chosen["gain"], chosen["offset"]) == (0.5, 0.5)      # 90 % >= fd_confidence 0.9
+  assert [r["admissible"] for r in (none, lucky, sure)] == [True, False, True]
+  chosen, _ = errors.choose_strength([none, lucky, sure], errors.SafeConfig(fd_confidence=0.5))
+  assert chosen["psnr"] == 14.0
+  # rows without resamples fall back to the point comparison
+  chosen, _ = errors.choose_strength([_row(0, 0, 10.0, 100.0), _row(1, 1, 14.0, 95.0)],
+                                     errors.SafeConfig())
+  assert chosen["psnr"] == 14.0
+  with pytest.raises(ValueError, match="fd_confidence"):
+    errors.SafeConfig(fd_confidence=0.0)
+
+
+def test_paired_bootstrap_distances():
+  from tac_jax.metrics import frechet
+  f = np.random.default_rng(0).normal(size=(40, 3))
+  idx = frechet.bootstrap_indices(40, 50)
+  assert idx.shape == (50, 40) and np.array_equal(idx, frechet.bootstrap_indices(40, 50))
+  np.testing.assert_allclose(frechet.resampled_distances(f, f, idx), 0.0, atol=1e-9)
+  near, far = (frechet.resampled_distances(f + s, f, idx) for s in (0.1, 1.0))
+  assert np.all(far > near) and np.all(near > 0)
+  np.testing.assert_allclose(far, 3.0, rtol=1e-6)     # a pure shift: ||mu gap||^2 = 3 x 1^2
+  with pytest.raises(ValueError, match="one shape"):
+    frechet.resampled_distances(f, f[:10], idx)
 
 
 def test_safe_fit_reports_validation_fd_in_the_given_feature_space():
@@ -222,6 +257,8 @@ def test_safe_fit_reports_validation_fd_in_the_given_feature_space():
   assert len(calls) == 26 and calls[0] == (32, 4, 4, 3)   # the float reference + 25 strengths
   assert rep["val_fd"] < 0.1 * rep["val_fd_none"]         # the exact fix restores the distribution
   assert all(np.isfinite(r["fd_vs_float"]) for r in rep["candidates"])
+  assert rep["val_fd_share"] == 1.0                       # no worse in every paired resample
+  assert all(r["fd_resampled"].shape == (200,) for r in rep["candidates"])
 
 
 def test_coarse_features_shape_and_area_averaging():

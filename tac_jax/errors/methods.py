@@ -10,8 +10,9 @@ its samples are (a) no further in contrast and sharpness from the float model's 
 plain PTQ's (beyond a tolerance) and (b) no further in distribution: their Frechet
 distance to the float model's validation samples, in a feature space the caller gives
 (the shipped classifier's in the launchers; coarse pixels otherwise), is at most
-`1 + fd_tol` times plain PTQ's. PSNR alone can be bought with blur; (a) and (b) stop
-that. Unless the best admissible strength beats no correction by `min_gain_db`, the
+`1 + fd_tol` times plain PTQ's -- not only on the validation set as drawn but in at least
+`fd_confidence` of paired bootstrap resamples of its seeds, because an FD of a few dozen
+samples is noisy. PSNR alone can be bought with blur; (a) and (b) stop that. Unless the best admissible strength beats no correction by `min_gain_db`, the
 result is no correction (a fallback the report states).
 """
 
@@ -88,8 +89,10 @@ class SafeConfig:
   val_fraction: float = 0.5                   # share of calibration seeds held out
   min_gain_db: float = 0.05                   # needed over no correction on validation
   quality_tol: float = 0.05                   # extra |log std ratio| + |log sharpness ratio|
-  fd_tol: float = 0.0                         # validation FD vs float: <= (1 + fd_tol) x none's
-                                              # (< 0 switches the FD guard off)
+  fd_guard: bool = True                       # (b): validation FD vs float <= (1 + fd_tol) x none's
+  fd_tol: float = 0.0                         # (< 0: a margin, FD must drop by at least that share)
+  fd_confidence: float = 0.9                  # share of paired bootstrap resamples of the validation
+  fd_resamples: int = 200                     # seeds where (b) must hold (0 resamples: the set as drawn)
   segments: int = 1                           # > 1: then refine the strengths per contiguous
                                               # block of steps (coordinate search on the grid)
 
@@ -102,8 +105,12 @@ class SafeConfig:
       raise ValueError(f"strengths must be >= 0 and include 0 (no correction), got {self.strengths}.")
     if self.segments < 1:
       raise ValueError(f"segments must be >= 1 (1: one strength for all steps), got {self.segments}.")
-    if not np.isfinite(self.fd_tol):
-      raise ValueError(f"fd_tol must be finite (< 0 switches the FD guard off), got {self.fd_tol}.")
+    if not (np.isfinite(self.fd_tol) and self.fd_tol > -1):
+      raise ValueError(f"fd_tol must be finite and > -1 (a relative tolerance), got {self.fd_tol}; "
+                       "switch the FD guard off with fd_guard=False.")
+    if not 0.0 < self.fd_confidence <= 1.0 or self.fd_resamples < 0:
+      raise ValueError(f"fd_confidence must be in (0, 1] and fd_resamples >= 0, got "
+                       f"{self.fd_confidence}, {self.fd_resamples}.")
 
 
 def quality_deviation(std_ratio, sharpness_ratio) -> float:
@@ -115,16 +122,32 @@ def quality_deviation(std_ratio, sharpness_ratio) -> float:
   return float(np.sum(np.abs(np.log(ratios))))
 
 
+def fd_holds(row, none, config: SafeConfig) -> bool:
+  """Whether `row`'s FD vs float is at most (1 + fd_tol) x no correction's: in at least
+  `fd_confidence` of the paired resamples when the rows carry them (`fd_resampled`, the same
+  resamples in every row), else on the set as drawn."""
+  share = _fd_share(row, none, config)
+  if share is not None:
+    return share >= config.fd_confidence
+  return bool(row["fd_vs_float"] <= none["fd_vs_float"] * (1 + config.fd_tol))
+
+
+def _fd_share(row, none, config: SafeConfig) -> Optional[float]:
+  if row.get("fd_resampled") is None or none.get("fd_resampled") is None:
+    return None
+  return float(np.mean(row["fd_resampled"] <= none["fd_resampled"] * (1 + config.fd_tol)))
+
+
 def choose_strength(rows, config: SafeConfig) -> Tuple[Dict[str, Any], bool]:
   """(chosen row, fell_back) among validation `rows` (dicts with gain, offset, psnr,
-  deviation, fd_vs_float; the (0, 0) row is no correction). Marks each row `admissible`:
-  contrast / sharpness deviation at most no correction's + `quality_tol`, and (when
-  `fd_tol` >= 0) FD vs float at most (1 + `fd_tol`) x no correction's. The best admissible
-  PSNR wins unless it beats no correction by less than `min_gain_db` (then: fell back)."""
+  deviation, fd_vs_float and optionally fd_resampled; the (0, 0) row is no correction).
+  Marks each row `admissible`: contrast / sharpness deviation at most no correction's +
+  `quality_tol`, and (with `fd_guard`) `fd_holds`. The best admissible PSNR wins unless it
+  beats no correction by less than `min_gain_db` (then: fell back)."""
   none = next(r for r in rows if r["gain"] == 0 and r["offset"] == 0)
   for r in rows:
     r["admissible"] = bool(r["deviation"] <= none["deviation"] + config.quality_tol and (
-        config.fd_tol < 0 or r["fd_vs_float"] <= none["fd_vs_float"] * (1 + config.fd_tol)))
+        not config.fd_guard or r is none or fd_holds(r, none, config)))
   best = max((r for r in rows if r["admissible"]), key=lambda r: r["psnr"])
   fell_back = best["psnr"] < none["psnr"] + config.min_gain_db
   return (none if fell_back else best), bool(fell_back)
@@ -170,6 +193,8 @@ def _summary(report: Dict[str, Any], base: str, guard_fd: bool) -> str:
   return (f"{SAFE_METHOD}: {base} at gain {report['gain']}, offset {report['offset']} "
           f"(validation PSNR {report['val_psnr']:.2f} vs {report['val_psnr_none']:.2f} dB without"
           + (f", FD vs float {report['val_fd']:.1f} vs {report['val_fd_none']:.1f}" if guard_fd else "")
+          + (f", FD no worse in {report['val_fd_share']:.0%} of resamples"
+             if report.get("val_fd_share") is not None else "")
           + f"; {sum(not r['admissible'] for r in rows)} of {len(rows)} strengths ruled out by the "
           "quality guards)" + (" -- fell back to no correction" if report["fell_back"] else ""))
 
@@ -185,11 +210,16 @@ def split_calibration(x_T: jax.Array, key: jax.Array, val_fraction: float):
 
 
 def _validation_scorer(apply_q, var_q, sampler: Sampler, base: CorrectionParams, x_val, key_val,
-                       x_ref, features, guard_fd: bool, segments: int):
+                       x_ref, features, config: SafeConfig, segments: int):
   """evaluate(gain, offset) -> the validation row of `base` at that strength (scalars, or one
-  value per segment): PSNR, contrast / sharpness ratios and deviation, FD vs float."""
+  value per segment): PSNR, contrast / sharpness ratios and deviation, FD vs float (and on
+  `config.fd_resamples` paired bootstrap resamples of the validation seeds)."""
   N = sampler.coeffs.num_steps
-  ref_stats = frechet.gaussian_stats(features(to_host(x_ref))) if guard_fd else None
+  guard_fd = config.fd_guard
+  ref_feats = features(to_host(x_ref)) if guard_fd else None
+  ref_stats = frechet.gaussian_stats(ref_feats) if guard_fd else None
+  resamples = (frechet.bootstrap_indices(x_val.shape[0], config.fd_resamples)
+               if guard_fd and config.fd_resamples else None)
 
   @jax.jit
   def score(params):
@@ -202,11 +232,18 @@ def _validation_scorer(apply_q, var_q, sampler: Sampler, base: CorrectionParams,
     *scores, x = score(scale_params(base, segment_strengths(gain, N, segments),
                                     segment_strengths(offset, N, segments)))
     psnr, std_r, sharp_r, finite = (float(to_host(v)) for v in scores)
-    fd = float("inf") if not finite else (
-        frechet.frechet_distance_from_stats(*frechet.gaussian_stats(features(to_host(x))),
-                                            *ref_stats) if guard_fd else float("nan"))
+    fd, fd_resampled = float("nan"), None
+    if guard_fd and not finite:
+      fd = float("inf")
+      fd_resampled = None if resamples is None else np.full(len(resamples), np.inf)
+    elif guard_fd:
+      feats = features(to_host(x))
+      fd = frechet.frechet_distance_from_stats(*frechet.gaussian_stats(feats), *ref_stats)
+      if resamples is not None:
+        fd_resampled = frechet.resampled_distances(feats, ref_feats, resamples)
     return {"gain": gain, "offset": offset, "psnr": psnr if finite else float("-inf"),
             "std_ratio": std_r, "sharpness_ratio": sharp_r, "fd_vs_float": fd,
+            "fd_resampled": fd_resampled,
             "deviation": quality_deviation(std_r, sharp_r) if finite else float("inf")}
 
   return evaluate
@@ -236,10 +273,10 @@ def calibrate_safe(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: 
   base = fit(x_fit, key_fit)
   x_ref = jax.jit(lambda x, k: sample(apply_fp, var_fp, sampler, x, k)[0].x)(x_val, key_val)
 
-  guard_fd = config.fd_tol >= 0
+  guard_fd = config.fd_guard
   N, segments = sampler.coeffs.num_steps, min(config.segments, sampler.coeffs.num_steps)
   evaluate = _validation_scorer(apply_q, var_q, sampler, base, x_val, key_val, x_ref,
-                                features or frechet.coarse_features, guard_fd, segments)
+                                features or frechet.coarse_features, config, segments)
   rows = [evaluate(g, o) for g, o in itertools.product(config.strengths, config.strengths)]
   if segments > 1:
     rows += refine_segments(rows, evaluate, config, segments)
@@ -249,7 +286,8 @@ def calibrate_safe(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: 
             "fell_back": fell_back, "val_psnr_none": none["psnr"],
             "val_psnr": chosen["psnr"], "val_fd_none": none["fd_vs_float"],
             "val_fd": chosen["fd_vs_float"], "num_fit": int(x_fit.shape[0]),
-            "num_val": int(x_val.shape[0]), "candidates": rows}
+            "num_val": int(x_val.shape[0]), "val_fd_share": _fd_share(chosen, none, config),
+            "candidates": rows}
   if log is not None:
     log(_summary(report, config.base, guard_fd))
   return scale_params(base, segment_strengths(chosen["gain"], N, segments),

@@ -160,6 +160,25 @@ def frechet_distance(features_1: np.ndarray, features_2: np.ndarray) -> float:
   return frechet_distance_from_stats(*gaussian_stats(features_1), *gaussian_stats(features_2))
 
 
+def bootstrap_indices(num_samples: int, num_resamples: int, seed: int = 0) -> np.ndarray:
+  """[num_resamples, num_samples] indices drawn with replacement (a fixed seed: the same
+  resamples for every sample set compared, so comparisons are paired)."""
+  if num_samples < 2 or num_resamples < 1:
+    raise ValueError(f"need >= 2 samples and >= 1 resample, got {num_samples}, {num_resamples}.")
+  return np.random.default_rng(seed).integers(0, num_samples, (num_resamples, num_samples))
+
+
+def resampled_distances(features: np.ndarray, ref_features: np.ndarray,
+                        indices: np.ndarray) -> np.ndarray:
+  """FD of `features[i]` to `ref_features[i]` for each row i of `indices` ([R] float64):
+  a paired bootstrap when row k of both sets comes from the same seed."""
+  f, r = np.asarray(features, np.float64), np.asarray(ref_features, np.float64)
+  if f.shape != r.shape:
+    raise ValueError(f"paired feature sets must have one shape, got {f.shape} and {r.shape}.")
+  return np.asarray([frechet_distance_from_stats(*gaussian_stats(f[i]), *gaussian_stats(r[i]))
+                     for i in indices])
+
+
 def coarse_features(images, size: int = 8) -> np.ndarray:
   """Features for any image or latent shape, no classifier: each channel resized
   (antialiased, i.e. area-averaged when shrinking) to at most `size` x `size` and
