@@ -232,13 +232,20 @@ def test_fd_guard_needs_the_gain_in_most_bootstrap_resamples():
 
 def test_paired_bootstrap_distances():
   from tac_jax.metrics import frechet
-  f = np.random.default_rng(0).normal(size=(40, 3))
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=(40, 3))
   idx = frechet.bootstrap_indices(40, 50)
   assert idx.shape == (50, 40) and np.array_equal(idx, frechet.bootstrap_indices(40, 50))
   np.testing.assert_allclose(frechet.resampled_distances(f, f, idx), 0.0, atol=1e-9)
   near, far = (frechet.resampled_distances(f + s, f, idx) for s in (0.1, 1.0))
   assert np.all(far > near) and np.all(near > 0)
   np.testing.assert_allclose(far, 3.0, rtol=1e-6)     # a pure shift: ||mu gap||^2 = 3 x 1^2
+  # the n x n (and, for n > D, QR) form equals the D x D square-root form on every resample
+  for n, d in ((12, 64), (40, 3)):
+    a, b = rng.normal(size=(n, d)), rng.normal(size=(n, d)) * 1.5 + 0.2
+    idx = frechet.bootstrap_indices(n, 5, seed=1)
+    np.testing.assert_allclose(frechet.resampled_distances(a, b, idx),
+                               [frechet.frechet_distance(a[i], b[i]) for i in idx], rtol=1e-6)
   with pytest.raises(ValueError, match="one shape"):
     frechet.resampled_distances(f, f[:10], idx)
 
