@@ -1,11 +1,25 @@
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 import types
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One XLA compilation cache for the whole test session, this process and every launcher
+# subprocess (they inherit the environment): many tests compile the same tiny programs
+# (the tiny UNet's init, samplers, train step), and on 2 CPU cores compiling is most of
+# their time. A fresh directory per session (removed at exit), so every run compiles
+# everything once: no state carried between runs. Set before jax is imported.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="tac_jax_test_xla_cache_")
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  import atexit  # pylint: disable=g-import-not-at-top
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 def load_config(name: str):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tac_jax import errors
+from tac_jax import errors, metrics
 from tac_jax.diffusion import samplers, schedules
 
 SCHED = schedules.make_schedule("linear", 1000)
@@ -164,12 +164,19 @@ def random_offset_eps(v, x, t):
 
 
 def test_safe_fit_takes_no_correction_on_pure_noise():
+  """Per-sample noise: the full fit shrinks it (PSNR up, contrast down); the safe fit keeps
+  the gain term (near) off and does not lose on seeds it never saw. (The noise is not
+  exactly zero-mean along the trajectories, so a weak offset may still help a little.)"""
   sampler = samplers.ddim(SCHED, 10)
   p, rep = _safe(random_offset_eps, sampler)
-  assert rep["fell_back"] or (rep["gain"] <= 0.25 and rep["offset"] <= 0.25)
+  assert rep["fell_back"] or rep["gain"] <= 0.25
   assert len(rep["candidates"]) == 25 and rep["num_fit"] == 64 and rep["num_val"] == 64
   if rep["fell_back"]:
     assert float(jnp.max(jnp.abs(p.K))) == 0.0 and float(jnp.max(jnp.abs(p.beta))) == 0.0
+  x, key = _x(7, 256), jax.random.key(9)
+  ref = _run(gaussian_eps, sampler, x, key)
+  psnr = lambda params: float(jnp.mean(metrics.psnr(_run(random_offset_eps, sampler, x, key, params), ref)))
+  assert -0.2 < psnr(p) - psnr(None) < 1.0
 
 
 def test_safe_fit_takes_the_full_correction_on_an_affine_error():
