@@ -36,9 +36,10 @@ def test_killed_main_job_leaves_the_previous_run_intact(tiny_runs, tmp_path):
   previous = str(tmp_path / "run")
   shutil.copytree(outdir, previous)
   manifest = files.read_json(os.path.join(previous, files.MANIFEST), "manifest")
+  # the tiny run's sizes, so the programs it compiled come from the session's cache
   cmd = launcher_cmd("quantize", "quantize", f"--config.checkpoint={tiny_runs['model']}",
-                     f"--outdir={previous}", "--overwrite", "--config.num_steps=3",   # the tiny
-                     "--config.num_calib=8", "--config.num_eval=8", "--config.settings=W8A8,W4A4",  # run's sizes: its programs are cached
+                     f"--outdir={previous}", "--overwrite", "--config.num_steps=3",
+                     "--config.num_calib=8", "--config.num_eval=8", "--config.settings=W8A8,W4A4",
                      "--config.methods=none", "--config.timing_repeats=0")
   job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:

@@ -12,8 +12,9 @@ distance to the float model's validation samples, in a feature space the caller 
 (the shipped classifier's in the launchers; coarse pixels otherwise), is at most
 `1 + fd_tol` times plain PTQ's -- not only on the validation set as drawn but in at least
 `fd_confidence` of paired bootstrap resamples of its seeds, because an FD of a few dozen
-samples is noisy. PSNR alone can be bought with blur; (a) and (b) stop that. Unless the best admissible strength beats no correction by `min_gain_db`, the
-result is no correction (a fallback the report states).
+samples is noisy. PSNR alone can be bought with blur; (a) and (b) stop that. Unless the
+best admissible strength beats no correction by `min_gain_db`, the result is no
+correction (a fallback the report states).
 """
 
 from __future__ import annotations
@@ -122,6 +123,14 @@ def quality_deviation(std_ratio, sharpness_ratio) -> float:
   return float(np.sum(np.abs(np.log(ratios))))
 
 
+def _fd_share(row, none, config: SafeConfig) -> Optional[float]:
+  """Share of the paired resamples in which `row`'s FD vs float is at most (1 + fd_tol) x
+  no correction's (None when the rows carry no resamples)."""
+  if row.get("fd_resampled") is None or none.get("fd_resampled") is None:
+    return None
+  return float(np.mean(row["fd_resampled"] <= none["fd_resampled"] * (1 + config.fd_tol)))
+
+
 def fd_holds(row, none, config: SafeConfig) -> bool:
   """Whether `row`'s FD vs float is at most (1 + fd_tol) x no correction's: in at least
   `fd_confidence` of the paired resamples when the rows carry them (`fd_resampled`, the same
@@ -130,12 +139,6 @@ def fd_holds(row, none, config: SafeConfig) -> bool:
   if share is not None:
     return share >= config.fd_confidence
   return bool(row["fd_vs_float"] <= none["fd_vs_float"] * (1 + config.fd_tol))
-
-
-def _fd_share(row, none, config: SafeConfig) -> Optional[float]:
-  if row.get("fd_resampled") is None or none.get("fd_resampled") is None:
-    return None
-  return float(np.mean(row["fd_resampled"] <= none["fd_resampled"] * (1 + config.fd_tol)))
 
 
 def choose_strength(rows, config: SafeConfig) -> Tuple[Dict[str, Any], bool]:

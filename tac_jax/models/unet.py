@@ -242,7 +242,8 @@ class UNet(nn.Module):
 def init_unet(config: UNetConfig, key: jax.Array):
   """Returns (module, params) for `config`."""
   model = UNet(config)
-  x, t = jnp.zeros((1, config.sample_size, config.sample_size, config.in_channels)), jnp.zeros((1,), jnp.int32)
+  x = jnp.zeros((1, config.sample_size, config.sample_size, config.in_channels))
+  t = jnp.zeros((1,), jnp.int32)
   init = jax.jit(model.init).lower(key, x, t)
   # init runs once and is mostly the PRNG of every parameter: on CPU, XLA's optimising
   # backend spends ~4x longer compiling it than running it unoptimised (same values up to
