@@ -5,6 +5,8 @@ Frechet distance, error analysis; writes report.md, sweep.json, plots and grids.
   python experiments/sweep.py --config.seeds=0,1,2 --config.samplers=ddim10,ddim25 --outdir=runs/s
 """
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -15,5 +17,6 @@ _OUTDIR = flags.DEFINE_string("outdir", "runs/sweep", "Report, JSON and figures 
 
 
 if __name__ == "__main__":
-  app.run(launch.job(lambda: sweep.run(_CONFIG.value, _OUTDIR.value,
-                                       overwrite=launch.OVERWRITE.value)))
+  app.run(launch.job(lambda: sweep.run(
+      _CONFIG.value, _OUTDIR.value, overwrite=launch.OVERWRITE.value,
+      command=" ".join(["python experiments/sweep.py"] + sys.argv[1:]))))

@@ -100,8 +100,9 @@ def results_table(results: Dict[str, Any]) -> str:
 
 def sweep_intro(out: Dict[str, Any], outdir: str) -> List[str]:
   cfg, seeds = out["config"], sorted({r["seed"] for r in out["records"]})
+  command = out.get("command") or f"python experiments/sweep.py --outdir={outdir}"
   return ["# Sweep report\n",
-          f"`python experiments/sweep.py --outdir={outdir}` on the embedded default model; "
+          f"`{command}` on the embedded default model; "
           f"seeds {seeds}; {cfg['num_calib']} calibration and {cfg['num_eval']} evaluation "
           f"samples per seed; PSNR / SSIM of final samples against the float model's samples "
           f"from the same noise, fake-quant path; mean ± std over seeds of each seed's mean. "

@@ -300,14 +300,16 @@ def write_outputs(out: Dict[str, Any], directory: str, outdir: str, grids) -> st
 
 
 def run(cfg: ml_collections.ConfigDict, outdir: str, verbose: bool = True,
-        overwrite: bool = False) -> Dict[str, Any]:
+        overwrite: bool = False, command: str = "") -> Dict[str, Any]:
   """Runs the sweep; writes `outdir` as a whole when complete (refused if it holds results,
-  unless `overwrite`)."""
+  unless `overwrite`). `command`: the command line the report names (default: the
+  launcher with `--outdir` only)."""
   spec = validate(cfg)
   outdir = files.check_output_dir(outdir, overwrite)
   log = Progress(verbose)
   s = _set_up(cfg, spec, log)
-  out: Dict[str, Any] = {"config": cfg.to_dict(), "records": [], "fd": [], "ablations": [],
+  out: Dict[str, Any] = {"config": cfg.to_dict(), "command": command, "records": [], "fd": [],
+                         "ablations": [],
                          "analysis": [], "device": f"{jax.device_count()} x "
                                                    f"{jax.devices()[0].device_kind}"}
   if s.fd is not None:
