@@ -20,6 +20,29 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   import atexit  # pylint: disable=g-import-not-at-top
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+elif os.environ.get("PYTEST_XDIST_WORKER") and os.path.basename(
+    os.environ["JAX_COMPILATION_CACHE_DIR"]).startswith("tac_jax_test_xla_cache_"):
+  # An xdist worker started by the process above: a subfolder of its own, so that two
+  # workers never read an entry the other is still writing.
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"])
+
+
+# Tests compile many small programs and run each a few times: XLA's CPU backend compiles
+# faster without LLVM optimisation (same HLO, same values up to float rounding; 4x for the
+# UNet init, ~20 % for a train step), and compiling is most of the suite's time on 2
+# cores. Subprocesses inherit it (`xla_env`).
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_backend_optimization_level=0").strip()
+
+
+def xla_env(**flags):
+  """os.environ for a child process with extra XLA flags, e.g.
+  xla_env(xla_force_host_platform_device_count=4)."""
+  extra = " ".join(f"--{k}={v}" for k, v in flags.items())
+  return dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {extra}".strip(),
+              JAX_PLATFORMS="cpu")
 
 
 def load_config(name: str):
@@ -38,7 +61,7 @@ def launcher_cmd(script: str, config: str, *flags: str):
 
 
 sys.modules["configs_loader"] = types.SimpleNamespace(load_config=load_config,
-                                                      launcher_cmd=launcher_cmd)
+                                                      launcher_cmd=launcher_cmd, xla_env=xla_env)
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +88,7 @@ def tiny_model_dir(tmp_path_factory):
 
 # One tiny end-to-end run of each launcher, shared by every test that reads their outputs
 # (the main job and the sweep on the same model, seed and sampler, so their numbers can be
-# compared with each other).
+# compared with each other); those tests live in tests/test_launchers.py.
 TINY_MAIN_FLAGS = ("--config.num_steps=3", "--config.num_calib=8", "--config.num_eval=8",
                    "--config.settings=W8A8,W4A4", "--config.ptq=minmax",
                    "--config.methods=none,tcec,tcec_safe", "--config.timing_repeats=0")
@@ -75,6 +98,22 @@ TINY_SWEEP_FLAGS = ("--config.seeds=0", "--config.settings=W4A4", "--config.meth
                     "--config.num_eval=8", "--config.num_fd=16", "--config.fd_methods=none,tcec",
                     "--config.ablation_settings=W4A4", "--config.ablations=tcec,ehat",
                     "--config.calib_sizes=4")
+
+
+SHARED_RUNS_FILE = "test_launchers.py"
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  """Every test that reads the shared tiny runs lives in tests/test_launchers.py: with the
+  suite spread over workers by file (`-n auto --dist loadfile`, pyproject.toml) the runs
+  happen once per session, not once per worker. Those tests go first, as the longest
+  chain of work (`--no-loadscope-reorder` keeps this order)."""
+  stray = [i.nodeid for i in items if "tiny_runs" in getattr(i, "fixturenames", ())
+           and os.path.basename(str(i.path)) != SHARED_RUNS_FILE]
+  if stray:
+    raise pytest.UsageError(f"tests using the tiny_runs fixture belong in tests/"
+                            f"{SHARED_RUNS_FILE} (run once per worker otherwise): {stray}")
+  items.sort(key=lambda i: os.path.basename(str(i.path)) != SHARED_RUNS_FILE)
 
 
 @pytest.fixture(scope="session")
