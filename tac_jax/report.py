@@ -18,7 +18,10 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> List
 
 
 def mean_std(values) -> str:
+  """'mean ± std' over seeds; a single value alone (one seed has no spread)."""
   v = np.asarray(values, np.float64)
+  if v.size == 1:
+    return f"{v[0]:.2f}"
   return f"{v.mean():.2f} ± {v.std():.2f}" if v.size else "-"
 
 
@@ -105,7 +108,9 @@ def sweep_intro(out: Dict[str, Any], outdir: str) -> List[str]:
           f"`{command}` on the embedded default model; "
           f"seeds {seeds}; {cfg['num_calib']} calibration and {cfg['num_eval']} evaluation "
           f"samples per seed; PSNR / SSIM of final samples against the float model's samples "
-          f"from the same noise, fake-quant path; mean ± std over seeds of each seed's mean. "
+          f"from the same noise, fake-quant path; "
+          + ("mean ± std over seeds of each seed's mean. " if len(seeds) > 1 else
+             "one seed: means over its samples, no spread over seeds. ") +
           f"Device: {out['device']}.\n"]
 
 

@@ -22,3 +22,10 @@ def test_sweep_rejects_bad_names():
   cfg.spacing, cfg.thresholding = "leading", 2.0
   with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
     sweep.validate(cfg)
+
+
+def test_report_spread_is_over_seeds_and_left_out_for_one():
+  from tac_jax import report  # pylint: disable=import-outside-toplevel
+  assert report.mean_std([1.0, 3.0]) == "2.00 ± 1.00"
+  assert report.mean_std([1.234]) == "1.23"
+  assert report.mean_std([]) == "-"
