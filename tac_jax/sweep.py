@@ -309,9 +309,8 @@ def run(cfg: ml_collections.ConfigDict, outdir: str, verbose: bool = True,
   log = Progress(verbose)
   s = _set_up(cfg, spec, log)
   out: Dict[str, Any] = {"config": cfg.to_dict(), "command": command, "records": [], "fd": [],
-                         "ablations": [],
-                         "analysis": [], "device": f"{jax.device_count()} x "
-                                                   f"{jax.devices()[0].device_kind}"}
+                         "ablations": [], "analysis": [],
+                         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
   if s.fd is not None:
     out["fd"].append({"setting": "float", "method": "-", "fd_vs_float": 0.0,
                       "fd_vs_data": s.fd[3].floor, "n": int(cfg.num_fd)})

@@ -55,7 +55,6 @@ def test_main_job_launcher_writes_results(tiny_runs):
 
 
 def test_main_job_writes_a_manifest_of_its_files(tiny_runs):
-  from tac_jax import files
   out, _, res = _results(tiny_runs)
   with open(os.path.join(out, "manifest.json")) as f:
     man = json.load(f)
@@ -84,8 +83,7 @@ def test_main_job_and_sweep_agree_on_the_same_seed(tiny_runs):
 
 def test_acceptance_report_reads_the_main_job_output(tiny_runs):
   out, _, res = _results(tiny_runs)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, os.path.join(root, "experiments", "acceptance.py"),
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "acceptance.py"),
                          f"--dirs={out}"], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   runs = {(r["setting"], r["method"]): r for r in res["runs"]}

@@ -67,5 +67,3 @@ def test_main_job_runs_a_model_from_a_factory(tmp_path):
     cfg.model = spec
     with pytest.raises(ValueError, match=match):
       pipeline.run(cfg, str(tmp_path / "bad"), verbose=False)
-
-
