@@ -14,12 +14,13 @@ import jax
 import numpy as np
 
 import common  # benchmarks/common.py
-from tac_jax import stages
+from tac_jax.app import stages
+from tac_jax.app.settings import SETTINGS
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--setting", default="W8A8", choices=sorted(stages.SETTINGS))
+  ap.add_argument("--setting", default="W8A8", choices=sorted(SETTINGS))
   ap.add_argument("--mode", default="int", choices=["fake", "int"])
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--batch", type=int, default=64)
@@ -29,8 +30,8 @@ def main():
   s = common.quantized_default_model(args.setting, args.steps, args.batch)
   qm, tcec, x, key, sampler = s.qmodel, s.tcec, s.x, s.key, s.sampler
   apply_fn = qm.apply_fn(args.mode)
-  plain = stages.final_sampler_run(apply_fn, sampler, compensated=False)
-  comp = stages.final_sampler_run(apply_fn, sampler, compensated=True)
+  plain = stages.final_sampler_run(apply_fn, sampler, None)
+  comp = stages.final_sampler_run(apply_fn, sampler, "tcec")
   ops = stages.compensation_only(sampler)
   eps_seq = jax.random.normal(jax.random.key(2), (args.steps,) + x.shape)
   for f, a_ in [(plain, (qm.variables, tcec, x, key)), (comp, (qm.variables, tcec, x, key)),

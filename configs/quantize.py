@@ -23,15 +23,15 @@ def get_config():
   c.num_eval = 128                  # held-out evaluation seeds (also the FD sample sets)
   c.settings = "W8A8,W4A8,W4A4"
   c.ptq = "minmax"                  # base-PTQ presets: minmax, mse, svdquant, ... (quant/presets.py)
-  c.methods = "none,ptqd,tac,stepbaq,paper_m1,per_step,tcec,tcec_safe"  # compensation methods
+  c.methods = "none,ptqd,tac,stepbaq,paper_m1,qncd,per_step,tcec,tcec_safe"  # compensation.names()
   c.default_method = "tcec_safe"    # shown in grids and timed
   c.frechet = True                  # FD vs float and vs data (shipped classifier features)
   c.fd_data_seed = 1000             # colors of the real-data reference set
-  # tcec_safe (errors.SafeConfig): fitted method, validation share, the FD guard
+  # tcec_safe (compensation.SafeConfig): fitted base methods, validation share, the FD guard
   # (validation FD vs float <= (1 + fd_tol) x plain PTQ's in >= fd_confidence of
   # fd_resamples paired bootstrap resamples of the validation seeds), and segments of
   # steps with their own strengths (1: one strength for all steps)
-  c.safe = ml_collections.ConfigDict(dict(base="tcec", val_fraction=0.5, fd_guard=True, fd_tol=0.0,
+  c.safe = ml_collections.ConfigDict(dict(bases="tcec", val_fraction=0.5, fd_guard=True, fd_tol=0.0,
                                           fd_confidence=0.9, fd_resamples=200, segments=1))
   c.int_path = True                 # also evaluate the int8 x int8 -> int32 path
   c.timing_repeats = 4              # overhead timing (first observer); 0 disables it

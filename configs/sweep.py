@@ -11,7 +11,7 @@ def get_config():
   c.checkpoint = ""                       # "" = the embedded default model
   c.seeds = "0,1,2"                       # each seed: its own calibration + evaluation noise
   c.settings = "W8A8,W4A8,W4A4"
-  c.methods = "none,ptqd,tac,stepbaq,paper_m1,per_step,tcec,tcec_safe"  # errors.METHODS
+  c.methods = "none,ptqd,tac,stepbaq,paper_m1,qncd,per_step,tcec,tcec_safe"  # compensation.names()
   c.samplers = "ddim10,ddim25,ddim50,ddpm50"   # ddim<steps> / ddpm<steps>
   c.ref_sampler = "ddim25"                # PTQ calibration, PTQ options, FD, ablations
   c.spacing = "uniform"                   # every sampler: uniform, leading, trailing, ...
@@ -23,7 +23,7 @@ def get_config():
   c.num_calib = 64
   c.num_eval = 128
   c.num_fd = 1000                         # Frechet distance samples (first seed); 0 = skip
-  c.fd_methods = "none,ptqd,tac,stepbaq,paper_m1,per_step,tcec,tcec_safe"  # get an FD
+  c.fd_methods = "none,ptqd,tac,stepbaq,paper_m1,qncd,per_step,tcec,tcec_safe"  # get an FD
   c.fd_data = "digits"
   c.fd_data_seed = 1000                   # colors of the real-data reference set
   c.ablation_settings = "W4A8,W4A4"

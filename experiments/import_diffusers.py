@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from tac_jax import checkpoint
+from tac_jax.models import checkpoint
 from tac_jax.models import convert
 
 _SOURCE = flags.DEFINE_string("source", None, "diffusers model directory.", required=True)

@@ -6,27 +6,30 @@ the main job's seeds (same noise), and the weight memory each preset stores.
   python experiments/ptq_ladder.py --checkpoint=tac_jax/assets/gray28_model --spacing=leading
 """
 
-import argparse
 import time
 
-from tac_jax import report, stages
+from absl import app, flags
+
+from tac_jax.app import report, stages
+from tac_jax.app.settings import SETTINGS
 from tac_jax.diffusion import samplers
 from tac_jax.quant import presets
 
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Model directory; '' = the default model.")
+_SPACING = flags.DEFINE_string("spacing", "uniform", "Timestep spacing (diffusers' names).")
+_STEPS = flags.DEFINE_integer("steps", 20, "DDIM steps.")
+_NUM_CALIB = flags.DEFINE_integer("num_calib", 64, "Calibration seeds (the main job's).")
+_NUM_EVAL = flags.DEFINE_integer("num_eval", 128, "Evaluation seeds (the main job's).")
+_SETTINGS = flags.DEFINE_list("settings", ["W4A8", "W4A4"], "Settings.")
+_PRESETS = flags.DEFINE_list("presets", ["minmax", "mse", "minmax_bc", "qdiff", "groupwise",
+                                         "smoothquant", "svdquant", "svdquant_bc"], "PTQ presets.")
+_ATTENTION = flags.DEFINE_bool("attention_matmuls", False,
+                               "Also quantize the attention matmuls (q k^T, softmax v).")
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--checkpoint", default="")
-  ap.add_argument("--spacing", default="uniform")
-  ap.add_argument("--steps", type=int, default=20)
-  ap.add_argument("--num_calib", type=int, default=64)
-  ap.add_argument("--num_eval", type=int, default=128)
-  ap.add_argument("--settings", default="W4A8,W4A4")
-  ap.add_argument("--presets", default="minmax,mse,minmax_bc,qdiff,groupwise,smoothquant,svdquant,"
-                                       "svdquant_bc")
-  ap.add_argument("--attention_matmuls", action="store_true",
-                  help="also quantize the attention matmuls (q k^T, softmax v)")
-  args = ap.parse_args()
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
   model = stages.load_model(args.checkpoint)
   jit = stages.Compiled(model, samplers.make_sampler("ddim", model.schedule, args.steps, 0.0,
                                                      args.spacing))
@@ -34,11 +37,11 @@ def main():
   ref = stages.float_reference(jit, model, noise.x_eval, noise.key_eval)
   calib = stages.calibration_batches(jit, model, noise)
   rows = []
-  for setting in args.settings.split(","):
-    for preset in args.presets.split(","):
+  for setting in args.settings:
+    for preset in args.presets:
       t0 = time.time()
       qm = stages.quantize(model, calib, presets.quant_config(
-          presets.quant_defaults(), *stages.SETTINGS[setting], preset,
+          presets.quant_defaults(), *SETTINGS[setting], preset,
           attention_matmuls=args.attention_matmuls))
       ev = stages.evaluate(jit, qm, jit.none, noise.x_eval, noise.key_eval, ref)
       mem = qm.memory_report(model.params)
@@ -57,4 +60,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -10,7 +10,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from tac_jax import launch, pipeline
+from tac_jax.app import launch, pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quantize.py", "Main job config.")
 _OUTDIR = flags.DEFINE_string("outdir", "runs/main", "Results, grids and plots go here.")

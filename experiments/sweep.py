@@ -10,7 +10,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from tac_jax import launch, sweep
+from tac_jax.app import launch, sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep.py", "Sweep config.")
 _OUTDIR = flags.DEFINE_string("outdir", "runs/sweep", "Report, JSON and figures go here.")

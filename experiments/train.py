@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from tac_jax import launch
-from tac_jax import train as train_lib
+from tac_jax.app import launch
+from tac_jax.app import train as train_lib
 from tac_jax import viz
 from tac_jax.diffusion import samplers
 

@@ -24,9 +24,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tac_jax import errors
-from tac_jax.host import to_host  # noqa: F401  (re-exported)
+from tac_jax import compensation
 from tac_jax.diffusion import samplers
+from tac_jax.host import to_host  # noqa: F401  (the launchers gather results with it)
 
 DATA_AXIS = "data"
 
@@ -106,14 +106,12 @@ def sharded_sample(apply_fn, variables, sampler: samplers.Sampler, x_T: jax.Arra
   return run(replicate(variables, mesh), shard_batch(x_T, mesh), key)
 
 
-def sharded_calibrate(apply_fp, var_fp, apply_q, var_q, sampler: samplers.Sampler,
-                      x_T: jax.Array, key: jax.Array, mesh: Mesh, fit="tcec",
-                      phi=None) -> errors.TCECParams:
-  """`errors.calibrate` with the calibration batch split over `mesh`; replicated result."""
-  errors.compensation.check_calibration_noise(x_T)
-  x_T = shard_batch(x_T, mesh)
-  run = jax.jit(lambda vf, vq, x, k: errors.calibrate(apply_fp, vf, apply_q, vq, sampler, x, k,
-                                                      fit, phi=phi, check_finite=False),
-                out_shardings=NamedSharding(mesh, P()))
-  params = run(replicate(var_fp, mesh), replicate(var_q, mesh), x_T, key)
-  return errors.compensation.check_params_finite(params, "sharded calibration")
+def sharded_calibrate(fp: compensation.Net, q: compensation.Net, sampler: samplers.Sampler,
+                      x_T: jax.Array, key: jax.Array, mesh: Mesh,
+                      method: str = compensation.DEFAULT_METHOD, options=None
+                      ) -> compensation.Calibration:
+  """`compensation.calibrate` with the calibration batch split over `mesh` and the networks
+  replicated (the batch sums inside become all-reduces); the params come back replicated."""
+  compensation.scan.check_calibration_noise(x_T)
+  return compensation.calibrate(replicate(fp, mesh), replicate(q, mesh), sampler,
+                                shard_batch(x_T, mesh), key, method, options)

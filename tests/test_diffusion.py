@@ -11,7 +11,7 @@ import pytest
 
 from tac_jax import checkpoint as ckpt_lib
 from tac_jax import data as data_lib
-from tac_jax import train as train_lib
+from tac_jax.app import train as train_lib
 from tac_jax.diffusion import samplers, schedules
 from tac_jax.models import UNetConfig, init_unet
 

@@ -7,7 +7,7 @@ import pytest
 
 from tac_jax import errors, quant
 from tac_jax.diffusion import samplers, schedules
-from tac_jax.errors import propagation
+from tac_jax.compensation import propagation
 
 SCHED = schedules.make_schedule("linear", 1000)
 C = 3

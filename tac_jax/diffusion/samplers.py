@@ -56,12 +56,16 @@ class Sampler(NamedTuple):
   `affine` is False for steps that bound the x0 estimate (clip_sample, thresholding):
   `coeffs` (a, b) then describe the step only where the bound is inactive, and `linearise`
   gives the error model the step's average derivatives instead.
+
+  `schedule` is the noise schedule the steps were derived from (None for samplers built
+  from bare coefficients); compensators that re-derive steps (StepbaQ) read it.
   """
   coeffs: StepCoeffs
   init: Callable[..., Any]
   step: Callable[..., Any]
   prepare: Optional[Callable[..., Any]] = None
   affine: bool = True
+  schedule: Optional[Schedule] = None
 
 
 def network_input(sampler: Sampler, state, i):
@@ -219,11 +223,12 @@ def ddim(schedule: Schedule, num_steps: int, eta: float = 0.0, spacing: str = "u
   rule.check()
   coeffs = ddim_coeffs(schedule, num_steps, eta, spacing, steps_offset)
   if not rule.active:
-    return affine_sampler(coeffs)
+    return affine_sampler(coeffs)._replace(schedule=schedule)
   _, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing, steps_offset)
   sigma = np.asarray(coeffs.sigma, np.float64)
   direction = np.sqrt(np.maximum(1 - ab_prev - sigma ** 2, 0.0))
-  return clipped_sampler(coeffs, _clip_coeffs(ab, np.sqrt(ab_prev), 0 * ab, direction), rule)
+  return clipped_sampler(coeffs, _clip_coeffs(ab, np.sqrt(ab_prev), 0 * ab, direction),
+                         rule)._replace(schedule=schedule)
 
 
 def ddpm(schedule: Schedule, num_steps: int, spacing: str = "uniform",
@@ -235,12 +240,12 @@ def ddpm(schedule: Schedule, num_steps: int, spacing: str = "uniform",
   rule.check()
   coeffs = ddpm_coeffs(schedule, num_steps, spacing, steps_offset)
   if not rule.active:
-    return affine_sampler(coeffs)
+    return affine_sampler(coeffs)._replace(schedule=schedule)
   _, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing, steps_offset)
   alpha = ab / ab_prev
   c0 = np.sqrt(ab_prev) * (1 - alpha) / (1 - ab)
   ct = np.sqrt(alpha) * (1 - ab_prev) / (1 - ab)
-  return clipped_sampler(coeffs, _clip_coeffs(ab, c0, ct, 0 * ab), rule)
+  return clipped_sampler(coeffs, _clip_coeffs(ab, c0, ct, 0 * ab), rule)._replace(schedule=schedule)
 
 
 SAMPLERS = ("ddim", "ddpm")
@@ -310,7 +315,11 @@ def linearise(sampler: Sampler, apply_fn: ApplyFn, variables, x_T: jax.Array,
 
 
 def batch_timestep(t, x):
-  return jnp.full((x.shape[0],), t, jnp.int32)
+  """t once per sample: int32 for integer timesteps, float32 where a sampler's `prepare`
+  gives a float one (flow models take s * T)."""
+  t = jnp.asarray(t)
+  dtype = jnp.float32 if jnp.issubdtype(t.dtype, jnp.floating) else jnp.int32
+  return jnp.full((x.shape[0],), t, dtype)
 
 
 def sample(apply_fn: ApplyFn, variables, sampler: Sampler, x_T: jax.Array, key: jax.Array,
@@ -318,10 +327,11 @@ def sample(apply_fn: ApplyFn, variables, sampler: Sampler, x_T: jax.Array, key: 
   """Runs the sampler with one `lax.scan`.
 
   Args:
-    apply_fn: the noise model, `apply_fn(variables, x, t) -> eps` with t an int32 [B]
-      array of timesteps (one per sample).
+    apply_fn: the noise model, `apply_fn(variables, x, t) -> eps` with t a [B] array of
+      timesteps (one per sample; int32, or float32 for samplers whose `prepare` gives
+      float timesteps, e.g. flow matching's s * 1000).
     variables: its variables (float params, or {'params', 'quant'} of a QuantizedModel).
-    sampler: a Sampler (`ddim`, `ddpm`, or one wrapped by `errors.compensate`).
+    sampler: a Sampler (`ddim`, `ddpm`, or one wrapped by `compensation.compensate`).
     x_T: [B, H, W, C] starting noise.
     key: PRNG key of the step noise (stochastic samplers).
     return_trajectory: also return x at the *input* of every step, [N, *x.shape]

@@ -20,10 +20,9 @@ from tac_jax import files
 from tac_jax.models.unet import UNet, UNetConfig
 
 MODEL_JSON = files.META_JSON
-PARAMS_DIR = files.PARAMS_DIR
-load_meta = files.load_meta
-restore_params = files.restore_params
-write_json_atomic = files.write_json_atomic
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+# The models the package ships, by name (`load_pretrained`).
+SHIPPED = {"default": "default_model", "gray28": "gray28_model"}
 
 
 def save_model(directory: str, params, meta: Dict[str, Any]) -> str:
@@ -48,5 +47,20 @@ def load_model(directory: str) -> Tuple[UNet, Any, Dict[str, Any]]:
 
 def default_model_dir() -> str:
   """The small trained model shipped with the package."""
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
-                      "default_model")
+  return os.path.join(ASSETS, SHIPPED["default"])
+
+
+def pretrained_dir(name: str) -> str:
+  """The directory of a shipped model by name, or `name` itself if it is a directory."""
+  if name in SHIPPED:
+    return os.path.join(ASSETS, SHIPPED[name])
+  if os.path.isdir(name):
+    return name
+  raise ValueError(f"no model {name!r}: name a shipped model ({', '.join(SHIPPED)}) or a model "
+                   "directory (experiments/train.py or experiments/import_diffusers.py write one).")
+
+
+def load_pretrained(name: str = "default") -> Tuple[UNet, Any, Dict[str, Any]]:
+  """(module, params, meta) of a shipped model ("default", "gray28") or a model directory;
+  `meta["schedule"]` holds its `make_schedule` keywords."""
+  return load_model(pretrained_dir(name))

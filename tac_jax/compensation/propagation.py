@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tac_jax.compensation.scan import Net
+from tac_jax.diffusion.samplers import Sampler, batch_timestep
 from tac_jax.host import to_host
-from tac_jax.diffusion.samplers import ApplyFn, Sampler, batch_timestep
 
 
 class PropagationTrace(NamedTuple):
@@ -37,13 +38,13 @@ class PropagationTrace(NamedTuple):
   x_q_final: jax.Array    # final quantized sample
 
 
-def joint_run(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampler,
-              x_T: jax.Array, key: jax.Array) -> PropagationTrace:
+def joint_run(fp: Net, q: Net, sampler: Sampler, x_T: jax.Array,
+              key: jax.Array) -> PropagationTrace:
   """Runs the float and the quantized sampler from the same x_T and noise (one scan).
 
   Args:
-    apply_fp, var_fp: the float noise model and its variables.
-    apply_q, var_q: the quantized one (e.g. `QuantizedModel.apply_fn("fake")`, `.variables`).
+    fp: the float noise model, `Net(apply, variables)`.
+    q: the quantized one (e.g. `Net(qm.apply_fn("fake"), qm.variables)`).
     sampler: an affine sampler; x_T: [B, H, W, C] starting noise; key: step-noise key.
   Returns:
     PropagationTrace: per step the accumulated error e, the per-step quantization error d
@@ -56,9 +57,9 @@ def joint_run(apply_fp: ApplyFn, var_fp, apply_q: ApplyFn, var_q, sampler: Sampl
     s_fp, s_q = carry
     t = batch_timestep(c.t[i], x_T)
     e = s_q.x - s_fp.x
-    eps_fp, j_e = jax.jvp(lambda x: apply_fp(var_fp, x, t), (s_fp.x,), (e,))
-    eps_q = apply_q(var_q, s_q.x, t)
-    d = eps_q - apply_fp(var_fp, s_q.x, t)
+    eps_fp, j_e = jax.jvp(lambda x: fp(x, t), (s_fp.x,), (e,))
+    eps_q = q(s_q.x, t)
+    d = eps_q - fp(s_q.x, t)
     s_fp, s_q = sampler.step(s_fp, eps_fp, i), sampler.step(s_q, eps_q, i)
     return (s_fp, s_q), (e, d, j_e, s_q.x - s_fp.x)
 

@@ -32,95 +32,32 @@ import jax
 import ml_collections
 import numpy as np
 
-from tac_jax import errors, files, report, stages, viz
-from tac_jax.diffusion import samplers
-from tac_jax.pipeline import parse_list
+from tac_jax import compensation, files
+from tac_jax.app import report, stages, viz
+from tac_jax.app.settings import (SETTINGS, SweepSpec, method_options, parse_sampler, ptq_option,
+                                  sweep_spec)
+from tac_jax.app.stages import Compiled, FloatReference, FrechetReference, Memo, Progress
+from tac_jax.compensation import FitConfig
 from tac_jax.quant import presets
-from tac_jax.stages import SETTINGS, Compiled, FloatReference, FrechetReference, Memo, Progress
 
-# Ablations of the fit: config name -> (report label, FitConfig). Calibration sizes and
-# calibrating at another step count are ablations too (`calib_sizes`, the samplers).
+# Ablations of the fit: config name -> (report label, FitConfig of `tcec`). Calibration
+# sizes and calibrating at another step count are ablations too (`calib_sizes`, samplers).
 ABLATIONS = {
-    "tcec": ("tcec (cumulative, sequential, per channel, intercept)", errors.VARIANTS["tcec"]),
-    "same_input": ("same-input target",
-                   dataclasses.replace(errors.VARIANTS["tcec"], target="same_input")),
-    "one_shot": ("one-shot (not sequential)",
-                 dataclasses.replace(errors.VARIANTS["tcec"], sequential=False)),
-    "per_tensor": ("per tensor", dataclasses.replace(errors.VARIANTS["tcec"], per_channel=False)),
-    "no_intercept": ("no intercept",
-                     dataclasses.replace(errors.VARIANTS["tcec"], intercept=False)),
-    "ehat": ("+ e_hat regressor", errors.VARIANTS["tcec_ehat"]),
+    "tcec": ("tcec (cumulative, sequential, per channel, intercept)", FitConfig()),
+    "same_input": ("same-input target", FitConfig(target="same_input")),
+    "one_shot": ("one-shot (not sequential)", FitConfig(sequential=False)),
+    "per_tensor": ("per tensor", FitConfig(per_channel=False)),
+    "no_intercept": ("no intercept", FitConfig(intercept=False)),
+    "ehat": ("+ e_hat regressor", FitConfig(e_hat_regressor=True)),
 }
-
-
-def parse_sampler(name: str):
-  """'ddim25' -> ('ddim', 25)."""
-  for kind in ("ddim", "ddpm"):
-    if name.startswith(kind) and name[len(kind):].isdigit():
-      return kind, int(name[len(kind):])
-  raise ValueError(f"sampler {name!r}: use ddim<steps> or ddpm<steps>, e.g. ddim25.")
-
-
-def ptq_option(name: str):
-  """'minmax', 'svdquant', 'minmax_tg4' (4 timestep groups of activation ranges):
-  (preset, timestep groups)."""
-  preset, _, tg = name.partition("_tg")
-  if preset not in presets.PRESETS or (tg and not tg.isdigit()):
-    raise ValueError(f"PTQ option {name!r}: use <preset>[_tg<groups>] with a preset in "
-                     f"{sorted(presets.PRESETS)}.")
-  return preset, int(tg) if tg else 1
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepSpec:
-  """A validated sweep config."""
-  settings: Tuple[str, ...]
-  methods: Tuple[str, ...]
-  samplers: Tuple[str, ...]
-  ref: str
-  seeds: Tuple[int, ...]
-  ptq_options: Tuple[str, ...]
-  ablation_settings: Tuple[str, ...]
-  ablations: Tuple[str, ...]
-  fd_methods: Tuple[str, ...]
-  calib_sizes: Tuple[int, ...]
 
 
 def validate(cfg: ml_collections.ConfigDict) -> SweepSpec:
   """Checks every field before anything runs or is written."""
-  methods = parse_list(cfg.methods, errors.METHODS, "method")
-  methods = ["none"] + [m for m in methods if m != "none"]
-  names = parse_list(cfg.samplers, None, "sampler")
-  for n in names:
-    kind, steps = parse_sampler(n)
-    samplers.check_sampler_args(kind, steps, **stages.sampler_options(cfg))
-  if cfg.ref_sampler not in names:
-    raise ValueError(f"ref_sampler {cfg.ref_sampler!r} must be one of samplers {names}.")
-  options = parse_list(cfg.ptq_options, None, "PTQ option")
-  for p in options:
-    ptq_option(p)
-  fd_methods = parse_list(cfg.fd_methods, methods, "FD method") if cfg.num_fd > 0 else []
-  if cfg.num_calib < 1 or cfg.num_eval < 1:
-    raise ValueError("num_calib and num_eval must be >= 1.")
-  presets.quant_config(cfg.quant, 8, 8, ptq_option(options[0])[0])
-  if cfg.get("model", ""):
-    stages.resolve_factory(cfg.model)
-  else:
-    files.load_meta(cfg.checkpoint or stages.ckpt_lib.default_model_dir())
-  return SweepSpec(
-      settings=tuple(parse_list(cfg.settings, SETTINGS, "setting")), methods=tuple(methods),
-      samplers=tuple(names), ref=cfg.ref_sampler,
-      seeds=tuple(int(s) for s in parse_list(str(cfg.seeds), None, "seed")),
-      ptq_options=tuple(options),
-      ablation_settings=tuple(parse_list(cfg.ablation_settings, SETTINGS, "setting")),
-      ablations=tuple(parse_list(cfg.get("ablations", ",".join(ABLATIONS)), ABLATIONS,
-                                 "ablation")),
-      fd_methods=tuple(fd_methods),
-      calib_sizes=tuple(int(v) for v in parse_list(str(cfg.calib_sizes), None, "size")))
+  return sweep_spec(cfg, tuple(ABLATIONS))
 
 
 class _Setup(NamedTuple):
-  cfg: Any
   spec: SweepSpec
   log: Progress
   model: stages.Model
@@ -129,30 +66,24 @@ class _Setup(NamedTuple):
   fd: Any                           # (x, key, float reference, FrechetReference) or None
 
 
-def _method_key(method):
-  """One memo key per fit: a variant name and its FitConfig are the same fit."""
-  return errors.get_fit_config(method) if isinstance(method, str) and method in errors.VARIANTS \
-      else method
-
-
 def _fit(s: _Setup, qm, noise, sname: str, method, where: Tuple, x_cal=None):
-  """Fitted params (memoised by value: seed/setting/option, sampler, method, x_cal size)."""
-  m = _method_key(method)
+  """A fitted Calibration, memoised by value (seed / setting / option, sampler, method or
+  its (name, options), x_cal size). `method` is a name or ("tcec", FitConfig)."""
+  name, options = (method, None) if isinstance(method, str) else method
   size = None if x_cal is None else int(x_cal.shape[0])
-  x = noise.x_cal if x_cal is None else x_cal
+  n = noise if x_cal is None else noise._replace(x_cal=x_cal)
 
   def compute():
-    name = "none" if m is None else m
     feats = s.fd[3].extractor if s.fd is not None else None
-    return stages.fit_method(name, s.model, s.compiled[sname], qm, x, noise.key_cal,
-                             features=feats).params
+    opts = options if options is not None else method_options(name, s.spec.common, feats)
+    return stages.fit_method(name, s.model, s.compiled[sname], qm, n, None, opts)
 
-  return s.memo(("fit",) + where + (sname, m, size), compute)
+  return s.memo(("fit",) + where + (sname, name, options, size), compute)
 
 
-def _evaluate(s: _Setup, qm, noise, ref: FloatReference, sname: str, params, key) -> Dict[str, Any]:
+def _evaluate(s: _Setup, qm, noise, ref: FloatReference, sname: str, cal, key) -> Dict[str, Any]:
   return s.memo(("eval",) + key, lambda: stages.evaluate(
-      s.compiled[sname], qm, params, noise.x_eval, noise.key_eval, ref))
+      s.compiled[sname], qm, cal, noise.x_eval, noise.key_eval, ref))
 
 
 def _record(ev: Dict[str, Any], **kw) -> Dict[str, Any]:
@@ -163,7 +94,7 @@ def _record(ev: Dict[str, Any], **kw) -> Dict[str, Any]:
 
 def _quantize(s: _Setup, calib, setting: str, option: str):
   obs, groups = ptq_option(option)
-  qc = presets.quant_config(s.cfg.quant, *SETTINGS[setting], obs, time_groups=groups)
+  qc = presets.quant_config(s.spec.common.quant, *SETTINGS[setting], obs, time_groups=groups)
   return stages.quantize(s.model, calib, qc)
 
 
@@ -174,9 +105,9 @@ def _setting_runs(s: _Setup, out, seed, noise, refs, calib, setting, grids) -> N
     qm, where, main = _quantize(s, calib, setting, option), (seed, setting, option), \
         option == spec.ptq_options[0]
     for sname in (spec.samplers if main else (spec.ref,)):
-      for method in (spec.methods if main else ("none", "tcec")):
-        params = _fit(s, qm, noise, sname, method, where)
-        ev = _evaluate(s, qm, noise, refs[sname], sname, params, where + (sname, _method_key(method)))
+      for method in (spec.common.methods if main else ("none", "tcec")):
+        cal = _fit(s, qm, noise, sname, method, where)
+        ev = _evaluate(s, qm, noise, refs[sname], sname, cal, where + (sname, method))
         if main and sname == spec.ref and seed == spec.seeds[0]:
           grids.setdefault(setting, {"float": refs[sname].x})[method] = ev["x"]
         out["records"].append(_record(ev, kind="main" if main else "ptq", seed=seed,
@@ -207,19 +138,19 @@ def _analysis(s: _Setup, qm, noise, setting: str) -> Dict[str, Any]:
 def _fd_reference(s: _Setup):
   """(noise x, key, float reference, FrechetReference) of the FD sample set (first seed)."""
   key = jax.random.key(10_000 + s.spec.seeds[0])
-  x = jax.random.normal(key, (s.cfg.num_fd,) + s.model.shape)
+  x = jax.random.normal(key, (s.spec.num_fd,) + s.model.shape)
   ref = stages.float_reference(s.compiled[s.spec.ref], s.model, x, key)
-  fd = FrechetReference.build(ref.x, s.cfg.fd_data, s.cfg.fd_data_seed)
-  s.log(f"Frechet distance, float model vs data ({s.cfg.num_fd} samples): {fd.floor:.3f}")
+  fd = FrechetReference.build(ref.x, s.spec.fd_data, s.spec.common.fd_data_seed)
+  s.log(f"Frechet distance, float model vs data ({s.spec.num_fd} samples): {fd.floor:.3f}")
   return x, key, ref, fd
 
 
 def _frechet(s: _Setup, qm, noise, setting: str, where) -> List[Dict[str, Any]]:
   x, key, ref, fd = s.fd
-  n, rows = int(s.cfg.num_fd), []
+  n, rows = s.spec.num_fd, []
   for method in s.spec.fd_methods:
-    params = _fit(s, qm, noise, s.spec.ref, method, where)
-    m = stages.evaluate(s.compiled[s.spec.ref], qm, params, x, key, ref, fd)
+    cal = _fit(s, qm, noise, s.spec.ref, method, where)
+    m = stages.evaluate(s.compiled[s.spec.ref], qm, cal, x, key, ref, fd)
     rows.append({"setting": setting, "method": method, "n": n,
                  "fd_vs_float": m["fd_vs_float"], "fd_vs_data": m["fd_vs_data"]})
   s.log(f"{setting}: Frechet distance done")
@@ -231,29 +162,26 @@ def _ablations(s: _Setup, qm, noise, refs, setting: str, where) -> List[Dict[str
   ev = lambda p, k: _evaluate(s, qm, noise, refs[ref], ref, p, where + (ref,) + k)
   for name in s.spec.ablations:
     label, fit = ABLATIONS[name]
-    rows.append((label, ev(_fit(s, qm, noise, ref, fit, where), (fit,))))
+    rows.append((label, ev(_fit(s, qm, noise, ref, ("tcec", fit), where), (fit,))))
   for n in s.spec.calib_sizes:
     x_cal = jax.random.normal(jax.random.fold_in(noise.key_cal, 7), (n,) + s.model.shape)
     rows.append((f"calibration samples = {n}",
                  ev(_fit(s, qm, noise, ref, "tcec", where, x_cal=x_cal), ("calib_size", n))))
   for other in s.spec.samplers:
     if other != ref and other.startswith(ref[:4]):
-      p = errors.resample_params(_fit(s, qm, noise, other, "tcec", where),
-                                 s.compiled[ref].sampler)
-      rows.append((f"calibrated at {other}, sampled at {ref}", ev(p, ("resampled", other))))
+      p = compensation.resample_params(_fit(s, qm, noise, other, "tcec", where).params,
+                                       s.compiled[ref].sampler)
+      rows.append((f"calibrated at {other}, sampled at {ref}",
+                   ev(compensation.Calibration("tcec", p, 0.0), ("resampled", other))))
   s.log(f"seed {where[0]} {setting}: {len(rows)} ablations")
   return [{"seed": where[0], "setting": setting, "ablation": name, "psnr": e["psnr"]["mean"],
            "ssim": e["ssim"]["mean"]} for name, e in rows]
 
 
-def _set_up(cfg, spec: SweepSpec, log: Progress) -> _Setup:
-  model = stages.load_model(cfg.checkpoint, cfg.get("model", ""))
-  compiled = {}
-  for name in spec.samplers:
-    kind, steps = parse_sampler(name)
-    compiled[name] = Compiled(model, samplers.make_sampler(kind, model.schedule, steps,
-                                                           **stages.sampler_options(cfg)))
-  s = _Setup(cfg, spec, log, model, compiled, Memo(), None)
+def _set_up(spec: SweepSpec, log: Progress) -> _Setup:
+  model = stages.load_model(spec.common.model.checkpoint, spec.common.model.factory)
+  compiled = {sp.name: Compiled(model, sp.build(model.schedule)) for sp in spec.samplers}
+  s = _Setup(spec, log, model, compiled, Memo(), None)
   return s._replace(fd=_fd_reference(s)) if spec.fd_methods else s
 
 
@@ -307,22 +235,24 @@ def run(cfg: ml_collections.ConfigDict, outdir: str, verbose: bool = True,
   spec = validate(cfg)
   outdir = files.check_output_dir(outdir, overwrite)
   log = Progress(verbose)
-  s = _set_up(cfg, spec, log)
+  s = _set_up(spec, log)
   out: Dict[str, Any] = {"config": cfg.to_dict(), "command": command, "records": [], "fd": [],
                          "ablations": [], "analysis": [],
                          "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
   if s.fd is not None:
     out["fd"].append({"setting": "float", "method": "-", "fd_vs_float": 0.0,
-                      "fd_vs_data": s.fd[3].floor, "n": int(cfg.num_fd)})
+                      "fd_vs_data": s.fd[3].floor, "n": spec.num_fd})
   grids: Dict[str, Dict[str, np.ndarray]] = {}
   for seed in spec.seeds:
     s.memo.clear()
-    noise = stages.seed_noise(seed, cfg.num_calib, cfg.num_eval, s.model.shape)
+    noise = stages.seed_noise(seed, spec.common.num_calib, spec.common.num_eval, s.model.shape)
+    model, noise = stages.shard_noise(spec.common, s.model, noise, log)
+    s = s._replace(model=model)
     refs = {n: stages.float_reference(c, s.model, noise.x_eval, noise.key_eval)
             for n, c in s.compiled.items()}
     calib = stages.calibration_batches(s.compiled[spec.ref], s.model, noise)
-    log(f"seed {seed}: float samples for {', '.join(spec.samplers)}")
-    for setting in spec.settings:
+    log(f"seed {seed}: float samples for {', '.join(sp.name for sp in spec.samplers)}")
+    for setting in spec.common.settings:
       _setting_runs(s, out, seed, noise, refs, calib, setting, grids)
   with files.staged_directory(outdir) as tmp:
     out["report"] = write_outputs(out, tmp, outdir, grids)

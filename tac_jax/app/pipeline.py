@@ -29,72 +29,26 @@ import jax
 import ml_collections
 import numpy as np
 
-from tac_jax import errors, files, parallel, report, stages, viz
+from tac_jax import compensation, files
+from tac_jax.app import report, stages, viz
+from tac_jax.app.settings import SETTINGS, JobSpec, job_spec, method_options
+from tac_jax.app.stages import Compiled, FrechetReference, Model, Noise, Progress, measure_overhead
 from tac_jax.diffusion import samplers
-from tac_jax.models import checkpoint as ckpt_lib
+from tac_jax.host import to_host
 from tac_jax.quant import presets
-from tac_jax.stages import (SETTINGS, Compiled, FrechetReference, Model, Noise, Progress,
-                            load_model, measure_overhead, seed_noise)
 
 DIVERGENCE_RMS = 2.0   # final error RMS above the data range [-1, 1]: the samples diverged
-
-
-def parse_list(value, allowed=None, what="value") -> List[str]:
-  """A comma list (or sequence) of names: stripped, non-empty, known, no duplicates."""
-  items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
-  if not items:
-    raise ValueError(f"empty list of {what}s.")
-  if allowed is not None:
-    bad = [v for v in items if v not in allowed]
-    if bad:
-      raise ValueError(f"unknown {what} {bad}; choose from {sorted(allowed)}.")
-  dups = sorted({v for v in items if items.count(v) > 1})
-  if dups:
-    raise ValueError(f"{what} {dups} listed more than once; list each once.")
-  return items
-
-
-@dataclasses.dataclass(frozen=True)
-class JobSpec:
-  """A validated main-job config."""
-  settings: Tuple[str, ...]
-  ptq: Tuple[str, ...]              # base-PTQ presets (quant/presets.py)
-  methods: Tuple[str, ...]          # "none" first
-  default: str                      # the method shown in grids and timed
-  safe: errors.SafeConfig
 
 
 def validate(config: ml_collections.ConfigDict) -> JobSpec:
   """Checks every field before anything runs or is written; raises ValueError saying what
   to change."""
-  settings = parse_list(config.settings, SETTINGS, "setting")
-  ptq = parse_list(config.ptq, presets.PRESETS, "PTQ preset")
-  methods = parse_list(config.methods, errors.METHODS, "method")
-  methods = methods if "none" in methods else ["none"] + methods
-  methods = ["none"] + [m for m in methods if m != "none"]
-  default = config.get("default_method", errors.SAFE_METHOD)
-  if default not in methods:   # e.g. a short list of methods: show the last one
-    default = methods[-1]
-  if config.num_calib < 1 or config.num_eval < 1:
-    raise ValueError("num_calib and num_eval must be >= 1.")
-  samplers.check_sampler_args(config.sampler, config.num_steps, config.eta,
-                              **stages.sampler_options(config))
-  presets.quant_config(config.quant, 8, 8, ptq[0])   # unknown / bits fields
-  try:
-    safe = errors.SafeConfig(**(config.safe.to_dict() if "safe" in config else {}))
-  except TypeError as e:
-    raise ValueError(f"config.safe: {e}; fields are those of errors.SafeConfig.") from None
-  if config.get("model", ""):
-    stages.resolve_factory(config.model)
-  else:
-    files.load_meta(config.checkpoint or ckpt_lib.default_model_dir())
-  return JobSpec(tuple(settings), tuple(ptq), tuple(methods), default, safe)
+  return job_spec(config)
 
 
 @dataclasses.dataclass
 class _Context:
   """What every setting of one run shares (model, sampler, seeds, float reference)."""
-  config: Any
   job: JobSpec
   log: Progress
   model: Model
@@ -107,70 +61,76 @@ class _Context:
   samples: Dict[Any, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
-def set_up(config, job: JobSpec, log: Progress) -> _Context:
-  """Model, sampler, seeds (sharded when data parallel) and the float reference."""
-  model = load_model(config.checkpoint, config.get("model", ""))
-  log(f"model {model.checkpoint}: {sum(x.size for x in jax.tree.leaves(model.params)):,} params, "
-      f"{'x'.join(map(str, model.shape))}")
-  sampler = samplers.make_sampler(config.sampler, model.schedule, config.num_steps, config.eta,
-                                  **stages.sampler_options(config))
-  noise = seed_noise(config.seed, config.num_calib, config.num_eval, model.shape)
-  mesh = parallel.auto_mesh(config.get("data_parallel", True))
-  if mesh is not None:  # data parallel: seeds split over devices, everything else replicated
-    n = mesh.shape[parallel.DATA_AXIS]
-    for name in ("num_calib", "num_eval"):
-      parallel.check_divisible(config[name], mesh, f"config.{name}={config[name]}",
-                               " or --config.data_parallel=False")
-    noise = noise._replace(x_cal=parallel.shard_batch(noise.x_cal, mesh),
-                           x_eval=parallel.shard_batch(noise.x_eval, mesh))
-    model = dataclasses.replace(model, params=parallel.replicate(model.params, mesh))
-    log(f"data parallel over {n} devices ({jax.process_count()} process(es)): "
-        f"{config.num_calib // n} calibration + {config.num_eval // n} evaluation seeds each")
-  if not sampler.affine and config.get("linearise", False):
+def _sampler(job: JobSpec, model: Model, noise: Noise, log) -> samplers.Sampler:
+  sampler = job.sampler.build(model.schedule)
+  if not sampler.affine and job.sampler.linearise:
     affine_a = np.asarray(sampler.coeffs.a)
     sampler = samplers.linearise(sampler, model.module.apply, model.variables, noise.x_cal,
                                  noise.key_cal)
     log("x0 bound: the error model uses the step's mean derivatives, a_i x " +
         " ".join(f"{r:.2f}" for r in np.asarray(sampler.coeffs.a) / affine_a))
+  return sampler
+
+
+def set_up(job: JobSpec, log: Progress) -> _Context:
+  """Model, sampler, seeds (sharded when data parallel) and the float reference."""
+  common = job.common
+  model = stages.load_model(common.model.checkpoint, common.model.factory)
+  log(f"model {model.checkpoint}: {sum(x.size for x in jax.tree.leaves(model.params)):,} params, "
+      f"{'x'.join(map(str, model.shape))}")
+  noise = stages.seed_noise(job.seed, common.num_calib, common.num_eval, model.shape)
+  model, noise = stages.shard_noise(common, model, noise, log)
+  sampler = _sampler(job, model, noise, log)
   jit = Compiled(model, sampler)
   ref = stages.float_reference(jit, model, noise.x_eval, noise.key_eval)
   calib = stages.calibration_batches(jit, model, noise)
-  log(f"float samples: {config.num_calib} calibration + {config.num_eval} evaluation seeds, "
-      f"{config.sampler} {sampler.coeffs.num_steps} steps")
+  log(f"float samples: {common.num_calib} calibration + {common.num_eval} evaluation seeds, "
+      f"{job.sampler.kind} {sampler.coeffs.num_steps} steps")
   data_name = model.meta.get("data", {}).get("name")
-  fd = (FrechetReference.build(ref.x, data_name, config.get("fd_data_seed", 1000))
-        if config.get("frechet", True) and data_name is not None else None)
+  fd = (FrechetReference.build(ref.x, data_name, common.fd_data_seed)
+        if job.frechet and data_name is not None else None)
   if fd is not None:
     log(f"Frechet distance of the float model's samples to data: {fd.floor:.1f}")
-  ctx = _Context(config, job, log, model, jit, noise, calib, ref,
-                 stages.compensation_only(sampler), fd)
-  ctx.samples["float"] = parallel.to_host(ref.x)  # a gather: every process calls it
+  ctx = _Context(job, log, model, jit, noise, calib, ref, stages.compensation_only(sampler), fd)
+  ctx.samples["float"] = to_host(ref.x)  # a gather: every process calls it
   return ctx
 
 
-def _method_entry(ctx: _Context, qm, setting, obs, method, fitted, mem) -> Dict[str, Any]:
+def _method_entry(ctx: _Context, qm, where, cal: compensation.Calibration, mem) -> Dict[str, Any]:
   """Evaluation of one fitted method: metrics, samples kept for the grids, int path."""
-  noise = ctx.noise
-  m = stages.evaluate(ctx.jit, qm, fitted.params, noise.x_eval, noise.key_eval, ctx.ref, ctx.fd)
-  ctx.samples[(setting, obs, method)] = m.pop("x")
-  entry = {"setting": setting, "ptq": obs, "method": method, "memory_bytes": mem,
-           "calibration_s": fitted.seconds, "psnr_fake": m.pop("psnr"),
-           "ssim_fake": m.pop("ssim"), **m}
-  if fitted.safe is not None:
-    entry["safe"] = fitted.safe
-  if ctx.config.int_path and method in ("none", ctx.job.default):
-    x_i, _, _ = ctx.jit.run(qm.apply_fn("int"), qm.variables, fitted.params, noise.x_eval,
-                            noise.key_eval)
+  noise, (setting, obs) = ctx.noise, where
+  m = stages.evaluate(ctx.jit, qm, cal, noise.x_eval, noise.key_eval, ctx.ref, ctx.fd)
+  ctx.samples[(setting, obs, cal.method)] = m.pop("x")
+  method = compensation.get(cal.method)
+  entry = {"setting": setting, "ptq": obs, "method": cal.method, "memory_bytes": mem,
+           "calibration_s": cal.seconds, "extra_calls_per_step": method.extra_calls,
+           "psnr_fake": m.pop("psnr"), "ssim_fake": m.pop("ssim"), **m}
+  if cal.report is not None:
+    entry["safe"] = cal.report.to_json()
+  if ctx.job.int_path and cal.method in ("none", ctx.job.default):
+    x_i, _, _ = ctx.jit.sample(qm.apply_fn("int"), qm.variables, cal, noise.x_eval, noise.key_eval)
     entry["psnr_int"] = stages.psnr_stats(x_i, ctx.ref.x)
   return entry
 
 
-def _timing(ctx: _Context, qm, params) -> Dict[str, Any]:
-  mode = "int" if ctx.config.int_path else "fake"
-  t = measure_overhead(qm.apply_fn(mode), ctx.jit.sampler, qm.variables, params,
-                       ctx.noise.x_eval, ctx.noise.key_eval, ctx.config.timing_repeats,
-                       ctx.comp_only)
+def _timing(ctx: _Context, qm, cal: compensation.Calibration) -> Dict[str, Any]:
+  mode = "int" if ctx.job.int_path else "fake"
+  t = measure_overhead(stages.qnet(qm, mode), ctx.jit.sampler, cal, ctx.noise.x_eval,
+                       ctx.noise.key_eval, ctx.job.timing_repeats, ctx.comp_only)
   return {**t, "mode": mode}
+
+
+def _fit_all(ctx: _Context, qm, tag: str, phi) -> Dict[str, compensation.Calibration]:
+  features = ctx.fd.extractor if ctx.fd is not None else None
+  fitted = {}
+  for m in ctx.job.common.methods:
+    fitted[m] = stages.fit_method(m, ctx.model, ctx.jit, qm, ctx.noise, phi,
+                                  method_options(m, ctx.job.common, features))
+    if fitted[m].report is not None:
+      ctx.log(f"{tag}: {fitted[m].report.summary()}")
+  ctx.log(f"{tag}: calibrated " + ", ".join(f"{m} {f.seconds:.1f}s" for m, f in fitted.items()
+                                            if m != "none"))
+  return fitted
 
 
 def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List[Dict[str, Any]]:
@@ -178,7 +138,7 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
   of one setting."""
   log, job, tag = ctx.log, ctx.job, f"{setting}_{obs}"
   qm = stages.quantize(ctx.model, ctx.calib,
-                       presets.quant_config(ctx.config.quant, *SETTINGS[setting], obs))
+                       presets.quant_config(job.common.quant, *SETTINGS[setting], obs))
   mem = qm.memory_report(ctx.model.params)
   log(f"{tag}: PTQ done ({len(qm.specs)} layers, weights {mem['layers_float32'] / 1e6:.2f} MB"
       f" float -> {mem['layers_stored'] / 1e6:.2f} MB)")
@@ -187,23 +147,18 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
   phi, prop = stages.analyse_propagation(ctx.jit, ctx.model, qm, ctx.noise)
   log(f"{tag}: propagation model: final error RMS {prop['measured_rms'][-1]:.4f}, closed "
       f"form corr {np.mean(prop['closed_form_corr'][1:]):.3f}")
-  fitted = {m: stages.fit_method(m, ctx.model, ctx.jit, qm, ctx.noise.x_cal, ctx.noise.key_cal,
-                                 phi, job.safe, log=lambda s: log(f"{tag}: {s}"),
-                                 features=ctx.fd.extractor if ctx.fd is not None else None)
-            for m in job.methods}
-  log(f"{tag}: calibrated " + ", ".join(f"{m} {f.seconds:.1f}s" for m, f in fitted.items()
-                                        if m != "none"))
-  entries = [_method_entry(ctx, qm, setting, obs, m, fitted[m], mem) for m in job.methods]
+  fitted = _fit_all(ctx, qm, tag, phi)
+  entries = [_method_entry(ctx, qm, (setting, obs), fitted[m], mem) for m in job.common.methods]
   entries[0]["float_layers"] = qm.float_layers
-  entries[0]["propagation"] = {k: parallel.to_host(a).tolist() for k, a in prop.items()}
+  entries[0]["propagation"] = {k: to_host(a).tolist() for k, a in prop.items()}
   by_method = {e["method"]: e for e in entries}
-  if timed and ctx.config.timing_repeats > 0:
-    t = by_method[job.default]["timing"] = _timing(ctx, qm, fitted[job.default].params)
+  if timed and job.timing_repeats > 0:
+    t = by_method[job.default]["timing"] = _timing(ctx, qm, fitted[job.default])
     log(f"{tag}: overhead {100 * t['overhead_ab']:+.2f}% (A/B), "
         f"{100 * t['overhead_ops']:.3f}% (compensation ops alone), {t['mode']} path")
   _flag_divergence(entries, lambda m: log(f"WARNING {tag}: {m}"))
   log(f"{tag}: PSNR vs float (dB): " + ", ".join(
-      f"{m} {by_method[m]['psnr_fake']['mean']:.2f}" for m in job.methods))
+      f"{m} {by_method[m]['psnr_fake']['mean']:.2f}" for m in job.common.methods))
   return entries
 
 
@@ -261,18 +216,18 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True,
   if writer:
     outdir = files.check_output_dir(outdir, overwrite)
   log = Progress(verbose)
-  ctx = set_up(config, job, log)
+  ctx = set_up(job, log)
   results: Dict[str, Any] = {
       "config": config.to_dict(), "checkpoint": ctx.model.checkpoint,
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "processes": jax.process_count(),
       "fd_float_vs_data": ctx.fd.floor if ctx.fd is not None else None, "runs": [],
       "grids": {f"{s}_{o}": os.path.join(outdir, f"grid_{s}_{o}.png")
-                for o in job.ptq for s in job.settings}}
+                for o in job.ptq for s in job.common.settings}}
   staged = files.staged_directory(outdir) if writer else contextlib.nullcontext(None)
   with staged as tmp:
     for obs in job.ptq:
-      for setting in job.settings:
+      for setting in job.common.settings:
         entries = evaluate_setting(ctx, setting, obs, timed=obs == job.ptq[0])
         results["runs"] += entries
         if writer:

@@ -10,8 +10,8 @@ name, method or FitConfig, seed), never by object identity:
     ref = float_reference(jit, model, noise.x_eval, noise.key_eval)
     qm = quantize(model, calibration_batches(jit, model, noise), qconfig)
     phi, report = analyse_propagation(jit, model, qm, noise)
-    fitted = fit_method("tcec", model, jit, qm, noise, phi=phi)
-    metrics = evaluate(jit, qm, fitted.params, noise.x_eval, noise.key_eval, ref)
+    cal = fit_method("tcec", model, jit, qm, noise, phi)      # a compensation.Calibration
+    metrics = evaluate(jit, qm, cal, noise.x_eval, noise.key_eval, ref)
 """
 
 from __future__ import annotations
@@ -27,16 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tac_jax import data, errors, metrics, quant
+from tac_jax import compensation, data, metrics, parallel, quant
 from tac_jax.diffusion import samplers
 from tac_jax.diffusion.schedules import Schedule, make_schedule
-from tac_jax.errors import propagation
+from tac_jax.compensation import propagation
 from tac_jax.host import to_host
 from tac_jax.metrics import frechet
 from tac_jax.models import checkpoint as ckpt_lib
-
-SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
-
 
 class Progress:
   """Progress lines with the seconds since the job started."""
@@ -86,6 +83,10 @@ class Model:
   @property
   def variables(self):
     return {"params": self.params}
+
+  @property
+  def net(self) -> compensation.Net:
+    return compensation.Net(self.module.apply, self.variables)
 
 
 def load_model(checkpoint: str = "", factory: str = "") -> Model:
@@ -141,16 +142,6 @@ def model_from_factory(spec: str) -> Model:
   return Model(module, params, make_schedule(**dict(schedule)), {"factory": spec}, spec, shape)
 
 
-# Sampler options a job config may set (diffusers' names), with their defaults.
-SAMPLER_OPTIONS = {"spacing": "uniform", "steps_offset": 0, "clip_sample": False,
-                   "thresholding": 0.0, "sample_max_value": 1.0}
-
-
-def sampler_options(config) -> Dict[str, Any]:
-  """The config's sampler options for `samplers.make_sampler` (missing ones: defaults)."""
-  return {k: config.get(k, v) for k, v in SAMPLER_OPTIONS.items()}
-
-
 class Noise(NamedTuple):
   """Starting noise and step-noise keys of the calibration and evaluation seeds."""
   x_cal: jax.Array
@@ -167,39 +158,57 @@ def seed_noise(seed: int, num_calib: int, num_eval: int, shape) -> Noise:
   return Noise(x_cal, jax.random.fold_in(k_cal, 1), x_eval, jax.random.fold_in(k_eval, 1))
 
 
+def shard_noise(spec, model: Model, noise: Noise, log) -> Tuple[Model, Noise]:
+  """Data parallel when several devices are there (and `spec.data_parallel`; `spec` a
+  settings.EvalSpec): the seeds split over the devices, the model replicated (both jobs go
+  through this)."""
+  mesh = parallel.auto_mesh(spec.data_parallel)
+  if mesh is None:
+    return model, noise
+  n = mesh.shape[parallel.DATA_AXIS]
+  for name in ("num_calib", "num_eval"):
+    parallel.check_divisible(getattr(spec, name), mesh, f"config.{name}={getattr(spec, name)}",
+                             " or --config.data_parallel=False")
+  noise = noise._replace(x_cal=parallel.shard_batch(noise.x_cal, mesh),
+                         x_eval=parallel.shard_batch(noise.x_eval, mesh))
+  model = dataclasses.replace(model, params=parallel.replicate(model.params, mesh))
+  log(f"data parallel over {n} devices ({jax.process_count()} process(es)): "
+      f"{spec.num_calib // n} calibration + {spec.num_eval // n} evaluation seeds each")
+  return model, noise
+
+
 class Compiled:
-  """The jitted runs of one model and sampler. The network's apply function is a static
-  argument (a hashable `QuantizedApply` or the float apply), so models that share one
-  (same bits, different observers) share the compiled code."""
+  """The jitted runs of one model and sampler. The network's apply function and the
+  method name are static arguments (a hashable `QuantizedApply` or the float apply), so
+  models that share one (same bits, different observers) share the compiled code."""
 
   def __init__(self, model: Model, sampler: samplers.Sampler):
     self.sampler = sampler
-    apply_fp, schedule = model.module.apply, model.schedule
+    apply_fp = model.module.apply
 
-    def run(apply_fn, variables, params, x_T, key):
-      state, traj = samplers.sample(apply_fn, variables, errors.compensate(sampler, params), x_T,
-                                    key, return_trajectory=True)
+    def run(apply_fn, method, variables, params, x_T, key):
+      online = compensation.online_sampler(method, sampler, params,
+                                           compensation.Net(apply_fn, variables))
+      state, traj = samplers.sample(apply_fn, variables, online, x_T, key, return_trajectory=True)
       return state.x, traj, state.error.e_hat
 
-    def joint(apply_q, var_fp, var_q, x_T, key):
-      return propagation.joint_run(apply_fp, var_fp, apply_q, var_q, sampler, x_T, key)
+    def joint(q, var_fp, x_T, key):
+      return propagation.joint_run(compensation.Net(apply_fp, var_fp), q, sampler, x_T, key)
 
-    def calibrate(apply_q, fit, var_fp, var_q, x_T, key, phi):
-      return errors.calibrate(apply_fp, var_fp, apply_q, var_q, sampler, x_T, key, fit, phi=phi,
-                              check_finite=False, schedule=schedule)
-
-    def analyse(apply_q, var_fp, var_q, noise):
+    def analyse(q, var_fp, noise):
       c = sampler.coeffs
-      phi = propagation.fit_channel_gains(joint(apply_q, var_fp, var_q, noise.x_cal,
-                                                noise.key_cal), c.a, c.b)
-      trace = joint(apply_q, var_fp, var_q, noise.x_eval, noise.key_eval)
+      phi = propagation.fit_channel_gains(joint(q, var_fp, noise.x_cal, noise.key_cal), c.a, c.b)
+      trace = joint(q, var_fp, noise.x_eval, noise.key_eval)
       return phi, propagation.report_arrays(trace, c.a, c.b, phi)
 
-    self.run = jax.jit(run, static_argnums=0)
-    self.joint = jax.jit(joint, static_argnums=0)
-    self.analyse = jax.jit(analyse, static_argnums=0)
-    self.calibrate = jax.jit(calibrate, static_argnums=(0, 1))
-    self.none = errors.zero_params(sampler.coeffs.num_steps, model.channels, sampler.coeffs.t)
+    self.run = jax.jit(run, static_argnums=(0, 1))
+    self.analyse = jax.jit(analyse)
+    self.none = compensation.Calibration("none", compensation.zero_params(
+        sampler.coeffs.num_steps, model.channels, sampler.coeffs.t), 0.0)
+
+  def sample(self, apply_fn, variables, cal: compensation.Calibration, x_T, key):
+    """(final samples, trajectory, e_hat) of `cal`'s method and params."""
+    return self.run(apply_fn, cal.method, variables, cal.params, x_T, key)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -210,13 +219,14 @@ class FloatReference(NamedTuple):
 
 
 def float_reference(jit: Compiled, model: Model, x_T, key) -> FloatReference:
-  x, traj, _ = jit.run(model.module.apply, model.variables, jit.none, x_T, key)
+  x, traj, _ = jit.sample(model.module.apply, model.variables, jit.none, x_T, key)
   return FloatReference(x, samplers.step_outputs(traj, x))
 
 
 def calibration_batches(jit: Compiled, model: Model, noise: Noise) -> List[Any]:
   """(x_t, t) batches of the float sampler's trajectories on the calibration seeds."""
-  _, traj, _ = jit.run(model.module.apply, model.variables, jit.none, noise.x_cal, noise.key_cal)
+  _, traj, _ = jit.sample(model.module.apply, model.variables, jit.none, noise.x_cal,
+                          noise.key_cal)
   return samplers.calibration_batches(traj, jit.sampler.coeffs)
 
 
@@ -228,35 +238,21 @@ def quantize(model: Model, calib, qconfig: quant.QuantConfig) -> quant.Quantized
 def analyse_propagation(jit: Compiled, model: Model, qm: quant.QuantizedModel, noise: Noise):
   """(phi, report): channel gains fitted on the calibration seeds, and the first-order
   model checked against the measured error on the evaluation seeds."""
-  phi, report = jit.analyse(qm.apply_fn("fake"), model.variables, qm.variables, noise)
+  phi, report = jit.analyse(qnet(qm), model.variables, noise)
   return phi, {k: to_host(v) for k, v in report.items()}
 
 
-class Fitted(NamedTuple):
-  params: errors.CorrectionParams
-  seconds: float
-  safe: Optional[Dict[str, Any]]   # tcec_safe's validation report (without candidates)
+def qnet(qm: quant.QuantizedModel, mode: str = "fake") -> compensation.Net:
+  """The quantized model as a Net (fake-quant, or the integer path with mode="int")."""
+  return compensation.Net(qm.apply_fn(mode), qm.variables)
 
 
-def fit_method(method, model: Model, jit: Compiled, qm: quant.QuantizedModel, x_cal, key_cal,
-               phi=None, safe_config: Optional[errors.SafeConfig] = None,
-               log: Optional[Callable[[str], None]] = None, features=None) -> Fitted:
-  """Fits one compensation method (a name in errors.METHODS or a FitConfig) on `x_cal`;
-  `features` (images -> features) is the FD guard's feature space for tcec_safe."""
-  t0, report, c = time.perf_counter(), None, jit.sampler.coeffs
-  fq = qm.apply_fn("fake")
-  if method == errors.SAFE_METHOD:
-    p, report = errors.calibrate_safe(model.module.apply, model.variables, fq, qm.variables,
-                                      jit.sampler, x_cal, key_cal, safe_config or errors.SafeConfig(),
-                                      phi=phi, schedule=model.schedule, log=log,
-                                      features=features)
-    report = {k: v for k, v in report.items() if k != "candidates"}
-  elif method == "none":
-    p = errors.zero_params(c.num_steps, model.channels, c.t, phi)
-  else:  # errors.calibrate resolves names (FitConfig presets, reference methods)
-    p = jit.calibrate(fq, method, model.variables, qm.variables, x_cal, key_cal, phi)
-  p = errors.check_params_finite(jax.block_until_ready(p), f"{method} calibration")
-  return Fitted(p, time.perf_counter() - t0, report)
+def fit_method(method: str, model: Model, jit: Compiled, qm: quant.QuantizedModel,
+               noise: Noise, phi=None, options=None) -> compensation.Calibration:
+  """Fits one registered compensation method on the calibration seeds of `noise` (with
+  the method's `options`, default its own)."""
+  return compensation.calibrate(model.net, qnet(qm), jit.sampler, noise.x_cal, noise.key_cal,
+                                method, options, phi)
 
 
 @jax.jit
@@ -281,12 +277,12 @@ def stats(values) -> Dict[str, float]:
   return {"mean": float(v.mean()), "std": float(v.std())}
 
 
-def evaluate(jit: Compiled, qm: quant.QuantizedModel, params, x_T, key, ref: FloatReference,
-             fd: Optional["FrechetReference"] = None, mode: str = "fake") -> Dict[str, Any]:
-  """Samples with `params` and compares with the float samples on the same noise: PSNR /
-  SSIM ({mean, std} over samples), contrast and sharpness ratios, per-step error RMS,
-  Frechet distances when `fd` is given, and the samples themselves ("x", on the host)."""
-  x_q, traj, _ = jit.run(qm.apply_fn(mode), qm.variables, params, x_T, key)
+def evaluate(jit: Compiled, qm: quant.QuantizedModel, cal: compensation.Calibration, x_T, key,
+             ref: FloatReference, fd: Optional["FrechetReference"] = None) -> Dict[str, Any]:
+  """Samples with `cal` (fake-quant) and compares with the float samples on the same
+  noise: PSNR / SSIM ({mean, std} over samples), contrast and sharpness ratios, per-step
+  error RMS, Frechet distances when `fd` is given, and the samples themselves ("x", host)."""
+  x_q, traj, _ = jit.sample(qm.apply_fn("fake"), qm.variables, cal, x_T, key)
   p, s, q = _sample_metrics(x_q, ref.x)
   out = {"psnr": stats(p), "ssim": stats(s),
          "std_ratio": float(to_host(q["std_ratio"])),
@@ -326,12 +322,14 @@ class FrechetReference:
 
 # ----------------------------------------------------------------------------- overhead
 
-def final_sampler_run(apply_fn, sampler: samplers.Sampler, compensated: bool):
-  """Jitted (variables, params, x_T, key) -> x_0 only (for timing; plain ignores params)."""
+def final_sampler_run(apply_fn, sampler: samplers.Sampler, method: Optional[str]):
+  """Jitted (variables, params, x_T, key) -> x_0 only (for timing; method None: the plain
+  sampler, params ignored)."""
 
   @jax.jit
   def run(variables, params, x_T, key):
-    s = errors.compensate(sampler, params) if compensated else sampler
+    s = sampler if method is None else compensation.online_sampler(
+        method, sampler, params, compensation.Net(apply_fn, variables))
     return samplers.sample(apply_fn, variables, s, x_T, key)[0].x
 
   return run
@@ -340,11 +338,11 @@ def final_sampler_run(apply_fn, sampler: samplers.Sampler, compensated: bool):
 def compensation_only(sampler: samplers.Sampler):
   """The compensated sampler's steps for a whole run with given network outputs, no
   network: the correction, the error-state update and the step itself (an upper bound of
-  the compensation's own work), through the same `errors.compensate` as sampling."""
+  the compensation's own work), through the same `compensation.compensate` as sampling."""
 
   @jax.jit
   def run(params, eps_seq, x_T):
-    comp = errors.compensate(sampler, params)
+    comp = compensation.compensate(sampler, params)
 
     def body(state, inputs):
       i, eps = inputs
@@ -365,16 +363,18 @@ def _time(fn, *args, repeats: int) -> List[float]:
   return out
 
 
-def measure_overhead(apply_fn, sampler, variables, params, x_T, key, repeats: int,
-                     comp_only: Optional[Callable] = None) -> Dict[str, float]:
-  """Median times of plain vs compensated sampling, interleaved to share machine noise,
-  and of the compensation ops alone (same shapes, no network).
+def measure_overhead(q: compensation.Net, sampler, cal: compensation.Calibration, x_T, key,
+                     repeats: int, comp_only: Optional[Callable] = None) -> Dict[str, float]:
+  """Median times of plain vs compensated sampling (`cal`'s method and params),
+  interleaved to share machine noise, and of the compensation ops alone (same shapes, no
+  network).
 
   `overhead_ab` is the honest end-to-end figure but on a busy CPU its noise (a few %)
   exceeds the effect; `overhead_ops` times the extra work in isolation.
   """
-  plain = final_sampler_run(apply_fn, sampler, compensated=False)
-  compensated = final_sampler_run(apply_fn, sampler, compensated=True)
+  variables, params = q.variables, cal.params
+  plain = final_sampler_run(q.apply, sampler, None)
+  compensated = final_sampler_run(q.apply, sampler, cal.method)
   comp_only = comp_only or compensation_only(sampler)
   eps_seq = jax.random.normal(jax.random.key(0), (sampler.coeffs.num_steps,) + x_T.shape)
   for fn, args in ((plain, (variables, params, x_T, key)),

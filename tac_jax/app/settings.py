@@ -1,0 +1,255 @@
+"""Job configs (ml_collections) turned into typed, frozen specs, once, at the top.
+
+The main job (`pipeline`) and the sweep (`sweep`) validate their ConfigDict here, before
+anything runs or is written; nothing below them reads the ConfigDict. Every error names
+the field and what to write instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Tuple
+
+import ml_collections
+
+from tac_jax import compensation, files
+from tac_jax.app.stages import resolve_factory
+from tac_jax.diffusion import samplers
+from tac_jax.diffusion.schedules import Schedule
+from tac_jax.models import checkpoint as ckpt_lib
+from tac_jax.quant import presets
+
+SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
+SAMPLER_KINDS = ("ddim", "ddpm")
+
+
+def parse_list(value, allowed=None, what="value") -> List[str]:
+  """A comma list (or sequence) of names: stripped, non-empty, known, no duplicates."""
+  items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+  if not items:
+    raise ValueError(f"empty list of {what}s.")
+  if allowed is not None:
+    bad = [v for v in items if v not in allowed]
+    if bad:
+      raise ValueError(f"unknown {what} {bad}; choose from {sorted(allowed)}.")
+  dups = sorted({v for v in items if items.count(v) > 1})
+  if dups:
+    raise ValueError(f"{what} {dups} listed more than once; list each once.")
+  return items
+
+
+def parse_ints(value, what: str, minimum: int) -> Tuple[int, ...]:
+  """A comma list of integers >= minimum."""
+  out = []
+  for v in parse_list(str(value), None, what):
+    try:
+      n = int(v)
+    except ValueError:
+      raise ValueError(f"{what} {v!r} is not an integer.") from None
+    if n < minimum:
+      raise ValueError(f"{what} must be >= {minimum}, got {n}.")
+    out.append(n)
+  return tuple(out)
+
+
+def parse_methods(value) -> Tuple[str, ...]:
+  """Registered compensation methods, "none" first (added when missing)."""
+  methods = parse_list(value, compensation.names(), "method")
+  return ("none",) + tuple(m for m in methods if m != "none")
+
+
+def _integer(config, name: str, minimum: int) -> int:
+  v = config[name]
+  if isinstance(v, bool) or int(v) != v or v < minimum:
+    raise ValueError(f"config.{name} must be an integer >= {minimum}, got {v!r}.")
+  return int(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """A sampler by name and diffusers' options (`samplers.make_sampler`)."""
+  kind: str
+  num_steps: int
+  eta: float = 0.0
+  spacing: str = "uniform"
+  steps_offset: int = 0
+  clip_sample: bool = False
+  thresholding: float = 0.0
+  sample_max_value: float = 1.0
+  linearise: bool = False          # with an x0 bound: error model from the step's mean jvp
+
+  @property
+  def name(self) -> str:
+    return f"{self.kind}{self.num_steps}"
+
+  def options(self) -> Dict[str, Any]:
+    return dict(spacing=self.spacing, steps_offset=self.steps_offset,
+                clip_sample=self.clip_sample, thresholding=self.thresholding,
+                sample_max_value=self.sample_max_value)
+
+  def build(self, schedule: Schedule) -> samplers.Sampler:
+    return samplers.make_sampler(self.kind, schedule, self.num_steps, self.eta, **self.options())
+
+
+def sampler_spec(config, kind: str, num_steps: int, eta: float = 0.0) -> SamplerSpec:
+  """The sampler `kind` with `num_steps` and the config's diffusers options, checked."""
+  spec = SamplerSpec(kind, num_steps, eta, config.spacing, config.steps_offset,
+                     bool(config.clip_sample), config.thresholding, config.sample_max_value,
+                     bool(config.get("linearise", False)))
+  samplers.check_sampler_args(kind, num_steps, eta, **spec.options())
+  return spec
+
+
+def parse_sampler(name: str) -> Tuple[str, int]:
+  """'ddim25' -> ('ddim', 25)."""
+  for kind in SAMPLER_KINDS:
+    if name.startswith(kind) and name[len(kind):].isdigit():
+      return kind, int(name[len(kind):])
+  raise ValueError(f"sampler {name!r}: use ddim<steps> or ddpm<steps>, e.g. ddim25.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Where the model comes from: a factory "package.module:function" or a checkpoint
+  directory ("" = the shipped default model)."""
+  factory: str = ""
+  checkpoint: str = ""
+
+
+def model_spec(config) -> ModelSpec:
+  spec = ModelSpec(config.get("model", "") or "", config.checkpoint or "")
+  if spec.factory:
+    resolve_factory(spec.factory)
+  else:
+    files.load_meta(spec.checkpoint or ckpt_lib.default_model_dir())
+  return spec
+
+
+def safe_config(config) -> compensation.SafeConfig:
+  """config.safe as a SafeConfig (fields of compensation.SafeConfig; `bases` a comma list)."""
+  fields = dict(config.safe.to_dict() if "safe" in config else {})
+  if "base" in fields:
+    raise ValueError("config.safe.base is now config.safe.bases: a comma list of fitted "
+                     "methods whose strengths tcec_safe searches (e.g. 'tcec' or 'tcec,tac').")
+  if "bases" in fields:
+    fields["bases"] = tuple(parse_list(fields["bases"], compensation.names(), "safe base"))
+  if "strengths" in fields and isinstance(fields["strengths"], str):
+    fields["strengths"] = tuple(float(v) for v in parse_list(fields["strengths"], None, "strength"))
+  try:
+    return compensation.SafeConfig(**fields)
+  except TypeError as e:
+    raise ValueError(f"config.safe: {e}; fields are those of compensation.SafeConfig.") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  """What both jobs share: model, seeds, PTQ, compensation and Frechet settings."""
+  model: ModelSpec
+  num_calib: int
+  num_eval: int
+  settings: Tuple[str, ...]
+  methods: Tuple[str, ...]          # "none" first
+  quant: Dict[str, Any]             # the config's quant section (presets.quant_config)
+  safe: compensation.SafeConfig
+  fd_data_seed: int = 1000
+  data_parallel: bool = True
+
+
+def eval_spec(config, methods, ptq0: str) -> EvalSpec:
+  quant = config.quant.to_dict()
+  presets.quant_config(quant, 8, 8, ptq0)   # unknown / bits fields
+  return EvalSpec(model=model_spec(config),
+                  num_calib=_integer(config, "num_calib", 1),
+                  num_eval=_integer(config, "num_eval", 1),
+                  settings=tuple(parse_list(config.settings, SETTINGS, "setting")),
+                  methods=methods, quant=quant, safe=safe_config(config),
+                  fd_data_seed=_integer(config, "fd_data_seed", 0),
+                  data_parallel=bool(config.get("data_parallel", True)))
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+  """A validated main-job config."""
+  common: EvalSpec
+  seed: int
+  sampler: SamplerSpec
+  ptq: Tuple[str, ...]              # base-PTQ presets (quant/presets.py)
+  default: str                      # the method shown in grids and timed
+  frechet: bool
+  int_path: bool
+  timing_repeats: int
+
+
+def job_spec(config: ml_collections.ConfigDict) -> JobSpec:
+  """Checks every main-job field before anything runs or is written."""
+  ptq = tuple(parse_list(config.ptq, presets.PRESETS, "PTQ preset"))
+  methods = parse_methods(config.methods)
+  default = config.default_method
+  if default not in compensation.names():
+    raise ValueError(f"config.default_method {default!r} is not a compensation method; choose "
+                     f"one of {list(compensation.names())}.")
+  if default not in methods:   # e.g. a short list of methods: show the last one
+    default = methods[-1]
+  return JobSpec(common=eval_spec(config, methods, ptq[0]),
+                 seed=_integer(config, "seed", 0),
+                 sampler=sampler_spec(config, config.sampler, _integer(config, "num_steps", 1),
+                                      config.eta),
+                 ptq=ptq, default=default, frechet=bool(config.frechet),
+                 int_path=bool(config.int_path),
+                 timing_repeats=_integer(config, "timing_repeats", 0))
+
+
+def ptq_option(name: str) -> Tuple[str, int]:
+  """'minmax', 'svdquant', 'minmax_tg4' (4 timestep groups of activation ranges):
+  (preset, timestep groups)."""
+  preset, _, tg = name.partition("_tg")
+  if preset not in presets.PRESETS or (tg and not tg.isdigit()) or tg == "0":
+    raise ValueError(f"PTQ option {name!r}: use <preset>[_tg<groups>] with a preset in "
+                     f"{sorted(presets.PRESETS)} and groups >= 1.")
+  return preset, int(tg) if tg else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+  """A validated sweep config."""
+  common: EvalSpec
+  samplers: Tuple[SamplerSpec, ...]
+  ref: str                          # the reference sampler's name (e.g. ddim25)
+  seeds: Tuple[int, ...]
+  ptq_options: Tuple[str, ...]
+  ablation_settings: Tuple[str, ...]
+  ablations: Tuple[str, ...]
+  fd_methods: Tuple[str, ...]
+  calib_sizes: Tuple[int, ...]
+  num_fd: int
+  fd_data: str
+
+
+def sweep_spec(cfg: ml_collections.ConfigDict, ablations: Tuple[str, ...]) -> SweepSpec:
+  """Checks every sweep field before anything runs or is written."""
+  methods = parse_methods(cfg.methods)
+  names = parse_list(cfg.samplers, None, "sampler")
+  specs = tuple(sampler_spec(cfg, *parse_sampler(n)) for n in names)
+  if cfg.ref_sampler not in names:
+    raise ValueError(f"ref_sampler {cfg.ref_sampler!r} must be one of samplers {names}.")
+  options = tuple(parse_list(cfg.ptq_options, None, "PTQ option"))
+  for p in options:
+    ptq_option(p)
+  num_fd = _integer(cfg, "num_fd", 0)
+  fd_methods = tuple(parse_list(cfg.fd_methods, methods, "FD method")) if num_fd > 0 else ()
+  return SweepSpec(
+      common=eval_spec(cfg, methods, ptq_option(options[0])[0]),
+      samplers=specs, ref=cfg.ref_sampler, seeds=parse_ints(cfg.seeds, "seed", 0),
+      ptq_options=options,
+      ablation_settings=tuple(parse_list(cfg.ablation_settings, SETTINGS, "setting")),
+      ablations=tuple(parse_list(cfg.get("ablations", ",".join(ablations)), ablations, "ablation")),
+      fd_methods=fd_methods, calib_sizes=parse_ints(cfg.calib_sizes, "calibration size", 1),
+      num_fd=num_fd, fd_data=cfg.fd_data)
+
+
+def method_options(method: str, spec: EvalSpec, features: Optional[Any]):
+  """The options a job passes to `method`: the config's SafeConfig (with the job's FD
+  feature space) for tcec_safe, the method's own defaults otherwise."""
+  if method == compensation.DEFAULT_METHOD:
+    return dataclasses.replace(spec.safe, features=features) if features is not None else spec.safe
+  return None
