@@ -8,6 +8,7 @@ from tac_jax.quant import presets
 def get_config():
   c = ml_collections.ConfigDict()
   c.model = ""                      # any Flax eps model: "package.module:factory" (README)
+  c.plugins = ""                    # modules to import first (e.g. registering a compensator)
   c.checkpoint = ""                 # model directory; "" = the embedded default model
   c.seed = 0                        # calibration and evaluation noise derive from this
   c.sampler = "ddim"                # 'ddim' or 'ddpm'
@@ -31,7 +32,7 @@ def get_config():
   # (validation FD vs float <= (1 + fd_tol) x plain PTQ's in >= fd_confidence of
   # fd_resamples paired bootstrap resamples of the validation seeds), and segments of
   # steps with their own strengths (1: one strength for all steps)
-  c.safe = ml_collections.ConfigDict(dict(bases="tcec", val_fraction=0.5, fd_guard=True, fd_tol=0.0,
+  c.safe = ml_collections.ConfigDict(dict(bases="tcec,tac", val_fraction=0.5, fd_guard=True, fd_tol=0.0,
                                           fd_confidence=0.9, fd_resamples=200, segments=1))
   c.int_path = True                 # also evaluate the int8 x int8 -> int32 path
   c.timing_repeats = 4              # overhead timing (first observer); 0 disables it

@@ -8,6 +8,7 @@ from tac_jax.quant import presets
 def get_config():
   c = ml_collections.ConfigDict()
   c.model = ""                      # any Flax eps model: "package.module:factory" (README)
+  c.plugins = ""                    # modules to import first (e.g. registering a compensator)
   c.checkpoint = ""                       # "" = the embedded default model
   c.seeds = "0,1,2"                       # each seed: its own calibration + evaluation noise
   c.settings = "W8A8,W4A8,W4A4"

@@ -16,7 +16,7 @@ from typing import Any, Dict, List
 
 from absl import app, flags
 
-from tac_jax import report
+from tac_jax.app import report
 
 _DIRS = flags.DEFINE_list("dirs", None, "result folders (default: docs/results*)")
 _METHOD = flags.DEFINE_string("method", "tcec_safe", "the method checked against the bar")

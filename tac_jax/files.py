@@ -37,14 +37,14 @@ MANIFEST = "manifest.json"
 
 # ----------------------------------------------------------------------------- JSON
 
-def write_json_atomic(path: str, obj: Mapping[str, Any]) -> None:
-  """Writes `obj` as JSON to `path` through a temporary file and a rename."""
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename."""
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.splitext(path)[1])
   try:
     with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write(text)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -52,6 +52,11 @@ def write_json_atomic(path: str, obj: Mapping[str, Any]) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_json_atomic(path: str, obj: Mapping[str, Any]) -> None:
+  """Writes `obj` as JSON to `path` through a temporary file and a rename."""
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def read_json(path: str, what: str) -> Dict[str, Any]:

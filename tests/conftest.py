@@ -1,13 +1,11 @@
-import importlib.util
 import os
 import shutil
-import sys
 import tempfile
-import types
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tests/ is on sys.path (pytest's rootdir conftest): the helpers are a plain module.
+from configs_loader import ROOT, launcher_cmd
 
 # One XLA compilation cache for the whole test session, this process and every launcher
 # subprocess (they inherit the environment): many tests compile the same tiny programs
@@ -31,44 +29,17 @@ elif os.environ.get("PYTEST_XDIST_WORKER") and os.path.basename(
 # Tests compile many small programs and run each a few times: XLA's CPU backend compiles
 # faster without LLVM optimisation (same HLO, same values up to float rounding; 4x for the
 # UNet init, ~20 % for a train step), and compiling is most of the suite's time on 2
-# cores. Subprocesses inherit it (`xla_env`).
+# cores. Subprocesses inherit it (`configs_loader.xla_env`).
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_backend_optimization_level=0").strip()
-
-
-def xla_env(**flags):
-  """os.environ for a child process with extra XLA flags, e.g.
-  xla_env(xla_force_host_platform_device_count=4)."""
-  extra = " ".join(f"--{k}={v}" for k, v in flags.items())
-  return dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {extra}".strip(),
-              JAX_PLATFORMS="cpu")
-
-
-def load_config(name: str):
-  """get_config() of configs/<name>.py (configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location(f"configs_{name}",
-                                                os.path.join(ROOT, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
-
-
-def launcher_cmd(script: str, config: str, *flags: str):
-  """argv running experiments/<script>.py with configs/<config>.py and `flags`."""
-  return [sys.executable, os.path.join(ROOT, "experiments", f"{script}.py"),
-          f"--config={os.path.join(ROOT, 'configs', f'{config}.py')}", *flags]
-
-
-sys.modules["configs_loader"] = types.SimpleNamespace(load_config=load_config,
-                                                      launcher_cmd=launcher_cmd, xla_env=xla_env)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
   """tiny_model_dir(sample_size) -> a saved model directory of a tiny random UNet."""
   import jax  # pylint: disable=import-outside-toplevel
-  from tac_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from tac_jax.models import checkpoint  # pylint: disable=import-outside-toplevel
   from tac_jax.models import UNetConfig, init_unet  # pylint: disable=import-outside-toplevel
   made = {}
 

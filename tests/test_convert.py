@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tac_jax import checkpoint
-from tac_jax.models import convert
+from tac_jax.models import checkpoint, convert
 
 # The DDPM CIFAR-10 32x32 UNet2DModel configuration (google/ddpm-cifar10-32).
 CIFAR10_DDPM = {

@@ -1,19 +1,19 @@
-"""Diffusion core: schedules, samplers, UNet, data, training and checkpoints."""
+"""Diffusion core: schedules, samplers, UNet, data and model checkpoints (training:
+tests/test_training.py)."""
 
 import functools
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from tac_jax import checkpoint as ckpt_lib
 from tac_jax import data as data_lib
-from tac_jax.app import train as train_lib
+from tac_jax import files
 from tac_jax.diffusion import samplers, schedules
-from tac_jax.models import UNetConfig, init_unet
+from tac_jax.models import UNetConfig, init_unet, load_pretrained
+from tac_jax.models import checkpoint as ckpt_lib
 
 TINY = UNetConfig(sample_size=8, block_out_channels=(8, 16), attention_levels=(1,),
                   attention_head_dim=16, norm_num_groups=4)
@@ -146,35 +146,6 @@ def test_data_sets_are_deterministic_and_in_range():
   assert s.shape == (16, 16, 16, 3) and s.min() >= -1 and s.max() <= 1
 
 
-def _tiny_train_config(steps):
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = ml_collections.ConfigDict(TINY.to_dict())
-  c.schedule = ml_collections.ConfigDict(dict(name="linear", num_timesteps=1000,
-                                              beta_start=1e-4, beta_end=0.02))
-  c.data = ml_collections.ConfigDict(dict(name="digits", num_color_seeds=1))
-  c.optim = ml_collections.ConfigDict(dict(learning_rate=3e-3, warmup_steps=5, weight_decay=0.0,
-                                           grad_clip=1.0, ema_decay=0.9))
-  c.batch_size = 8
-  c.num_train_steps = steps
-  c.log_every = 10
-  c.checkpoint_every = 30
-  return c
-
-
-def test_training_lowers_loss_resumes_and_round_trips(tmp_path):
-  out = train_lib.train(_tiny_train_config(60), str(tmp_path / "work"),
-                        export_dir=str(tmp_path / "model"))
-  losses = [l for _, l in out["losses"]]
-  assert losses[-1] < 0.7 * losses[0], losses
-  module, params, meta = ckpt_lib.load_model(str(tmp_path / "model"))
-  jax.tree.map(np.testing.assert_array_equal, params, out["params"])
-  assert meta["train_steps"] == 60 and UNetConfig.from_dict(meta["model"]) == TINY
-  # Resuming from the step-60 checkpoint continues the step count.
-  out2 = train_lib.train(_tiny_train_config(70), str(tmp_path / "work"))
-  assert out2["losses"][0][0] == 70
-
-
 def test_missing_and_corrupt_checkpoints(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     ckpt_lib.load_model(str(tmp_path / "nope"))
@@ -190,9 +161,20 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     ckpt_lib.load_model(d)
   other = UNetConfig(sample_size=8, block_out_channels=(16, 16), attention_levels=(),
                      norm_num_groups=4)
-  ckpt_lib.write_json_atomic(os.path.join(d, "model.json"), {"model": other.to_dict()})
+  files.write_json_atomic(os.path.join(d, "model.json"), {"model": other.to_dict()})
   with pytest.raises(ValueError, match="do not match the model config"):
     ckpt_lib.load_model(d)
+
+
+def test_shipped_models_load_by_name(tmp_path):
+  module, params, meta = load_pretrained("default")
+  assert ckpt_lib.pretrained_dir("default") == ckpt_lib.default_model_dir()
+  assert UNetConfig.from_dict(meta["model"]) == module.config
+  assert schedules.make_schedule(**meta["schedule"]).num_timesteps > 1
+  assert set(params) >= {"conv_in", "time_embedding", "mid_block", "conv_out"}
+  assert ckpt_lib.pretrained_dir(str(tmp_path)) == str(tmp_path)   # a directory as it is
+  with pytest.raises(ValueError, match="no model 'nope'"):
+    load_pretrained("nope")
 
 
 def test_diffusers_spacings():

@@ -9,13 +9,11 @@ import subprocess
 import sys
 import textwrap
 
-from configs_loader import xla_env
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from configs_loader import ROOT, xla_env
 
 SCRIPT = textwrap.dedent("""
     import chex, jax, jax.numpy as jnp, numpy as np
-    from tac_jax import errors, parallel, quant
+    from tac_jax import compensation, parallel, quant
     from tac_jax.diffusion import make_schedule, samplers
 
     assert jax.device_count() == 4, jax.devices()
@@ -37,8 +35,11 @@ SCRIPT = textwrap.dedent("""
         sharded = parallel.sharded_sample(fq, W, sampler, x, key, mesh)
         assert len(sharded.sharding.device_set) == 4
         np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
-        p1 = errors.calibrate(fp, W, fq, W, sampler, x, key, "tcec")
-        p4 = parallel.sharded_calibrate(fp, W, fq, W, sampler, x, key, mesh, "tcec")
+        nets = compensation.Net(fp, W), compensation.Net(fq, W)
+        p1 = compensation.calibrate(*nets, sampler, x, key, "tcec").params
+        cal4 = parallel.sharded_calibrate(*nets, sampler, x, key, mesh, "tcec")
+        assert cal4.method == "tcec"
+        p4 = cal4.params
         chex.assert_trees_all_equal_shapes_and_dtypes(p4, p1)   # every field, incl. optional
         chex.assert_trees_all_close(p4, p1, rtol=1e-4, atol=1e-5)
     try:
@@ -49,8 +50,8 @@ SCRIPT = textwrap.dedent("""
         raise AssertionError("a batch of 6 on 4 devices was accepted")
     import sys
     sys.path.insert(0, "tests")
-    from conftest import load_config
-    from tac_jax import pipeline
+    from configs_loader import load_config
+    from tac_jax.app import pipeline
     config = load_config("quantize")
     config.update(dict(checkpoint=sys.argv[1], num_calib=8, num_eval=6, data_parallel=True))
     try:

@@ -7,7 +7,9 @@ import jax
 import pytest
 
 from configs_loader import load_config
-from tac_jax import pipeline, stages
+from tac_jax import compensation
+from tac_jax.app import pipeline, settings, stages
+from tac_jax.diffusion import samplers, schedules
 
 
 def test_bad_config_values_are_rejected_before_anything_is_written(tiny_model_dir, tmp_path):
@@ -39,14 +41,35 @@ def test_bad_config_values_are_rejected_before_anything_is_written(tiny_model_di
   assert not os.path.exists(out)
 
 
+def test_validate_turns_the_config_into_a_typed_job_spec(tiny_model_dir):
+  cfg = load_config("quantize")
+  cfg.update(dict(checkpoint=tiny_model_dir(8), settings="W4A4, W8A8", methods="tcec,ptqd",
+                  sampler="ddpm", num_steps=7, ptq="minmax,mse"))
+  cfg.safe.bases = "tcec,tac"
+  job = pipeline.validate(cfg)
+  assert isinstance(job, settings.JobSpec)
+  assert job.common.settings == ("W4A4", "W8A8") and job.ptq == ("minmax", "mse")
+  assert job.common.methods == ("none", "tcec", "ptqd")     # "none" first, added
+  assert job.default == "ptqd"   # the default method is not listed: the last one is shown
+  assert job.sampler == settings.SamplerSpec("ddpm", 7) and job.sampler.name == "ddpm7"
+  assert job.common.model == settings.ModelSpec("", cfg.checkpoint)
+  assert job.common.safe == compensation.SafeConfig(bases=("tcec", "tac"), fd_resamples=200)
+  assert settings.method_options("tcec_safe", job.common, None) is job.common.safe
+  assert settings.method_options("tcec", job.common, None) is None
+  cfg.safe.bases = "tcec,magic"
+  with pytest.raises(ValueError, match="unknown safe base"):
+    pipeline.validate(cfg)
+  cfg.safe.bases, cfg.default_method = "tcec", "magic"
+  with pytest.raises(ValueError, match="is not a compensation method"):
+    pipeline.validate(cfg)
+
+
 def test_overhead_measurement_reports_side_by_side_ratios():
-  from tac_jax import errors
-  from tac_jax.diffusion import samplers, schedules
   sampler = samplers.ddim(schedules.make_schedule("linear", 1000), 5)
-  apply_fn = lambda v, x, t: jax.numpy.tanh(x * v)
-  params = errors.zero_params(5, 3, sampler.coeffs.t)
+  q = compensation.Net(lambda v, x, t: jax.numpy.tanh(x * v), 0.5)
+  cal = compensation.Calibration("tcec", compensation.zero_params(5, 3, sampler.coeffs.t), 0.0)
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
-  t = stages.measure_overhead(apply_fn, sampler, 0.5, params, x, jax.random.key(1), repeats=2)
+  t = stages.measure_overhead(q, sampler, cal, x, jax.random.key(1), repeats=2)
   assert t["plain_s"] > 0 and t["compensated_s"] > 0 and t["compensation_ops_s"] > 0
   assert t["overhead_ab"] == pytest.approx(t["compensated_s"] / t["plain_s"] - 1)
   assert t["overhead_ops"] == pytest.approx(t["compensation_ops_s"] / t["plain_s"])

@@ -12,12 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs_loader import launcher_cmd
-from tac_jax import errors, files, pipeline, quant
+from configs_loader import ROOT, launcher_cmd
+from tac_jax import compensation, files, quant
+from tac_jax.app import pipeline
 from tac_jax.diffusion import samplers, schedules
 from tac_jax.models import checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 EXPORT_SCRIPT = textwrap.dedent("""
@@ -86,30 +85,30 @@ def test_model_json_that_disagrees_with_params_fails_at_load(tiny_model_dir, tmp
 
 def test_non_finite_correction_params_are_refused_everywhere(tmp_path):
   sampler = samplers.ddim(schedules.make_schedule("linear", 1000), 4)
-  p = errors.zero_params(4, 3, sampler.coeffs.t)
+  p = compensation.zero_params(4, 3, sampler.coeffs.t)
   bad = p.replace(beta=p.beta.at[1, 0].set(jnp.nan))
   with pytest.raises(ValueError, match="NaN/inf"):
-    errors.compensate(sampler, bad)
+    compensation.compensate(sampler, bad)
   with pytest.raises(ValueError, match="NaN/inf"):
-    errors.save_params(str(tmp_path / "bad"), bad)
+    compensation.save_params(str(tmp_path / "bad"), bad)
   assert not os.path.exists(tmp_path / "bad")
-  errors.save_params(str(tmp_path / "ok"), p)
+  compensation.save_params(str(tmp_path / "ok"), p)
   tree = os.path.join(str(tmp_path / "ok"), "tcec")
   target = max((os.path.join(r, n) for r, _, ns in os.walk(tree) for n in ns), key=os.path.getsize)
   _damage(target, n=64)
   with pytest.raises(ValueError, match="does not match the checksum"):
-    errors.load_params(str(tmp_path / "ok"), sampler)
-  errors.save_params(str(tmp_path / "ok2"), p)
+    compensation.load_params(str(tmp_path / "ok"), sampler)
+  compensation.save_params(str(tmp_path / "ok2"), p)
   os.remove(os.path.join(str(tmp_path / "ok2"), "tcec.json"))   # the completion marker
   with pytest.raises(FileNotFoundError, match="tcec.json is missing"):
-    errors.load_params(str(tmp_path / "ok2"), sampler)
+    compensation.load_params(str(tmp_path / "ok2"), sampler)
 
 
 def test_wrong_phi_shape_is_named(tmp_path):
   sampler = samplers.ddim(schedules.make_schedule("linear", 1000), 4)
-  p = errors.zero_params(4, 3, sampler.coeffs.t)
+  p = compensation.zero_params(4, 3, sampler.coeffs.t)
   with pytest.raises(ValueError, match="phi has shape"):
-    errors.compensate(sampler, p.replace(phi=jnp.ones((4, 5))))
+    compensation.compensate(sampler, p.replace(phi=jnp.ones((4, 5))))
 
 
 def test_one_step_sampler_denoises_from_pure_noise():

@@ -3,19 +3,22 @@
 import pytest
 
 from configs_loader import load_config
-from tac_jax import sweep
+from tac_jax.app import report, settings, sweep
 
 
 def test_sweep_rejects_bad_names():
   with pytest.raises(ValueError, match="ddim<steps>"):
-    sweep.parse_sampler("euler20")
+    settings.parse_sampler("euler20")
   with pytest.raises(ValueError, match="PTQ option"):
-    sweep.ptq_option("minmax_tgx")
+    settings.ptq_option("minmax_tgx")
   # The sweep takes the main job's sampler options and checks them before running.
   cfg = load_config("sweep")
   cfg.spacing = "leading"
   cfg.steps_offset = 1
-  assert sweep.validate(cfg).samplers == ("ddim10", "ddim25", "ddim50", "ddpm50")
+  spec = sweep.validate(cfg)
+  assert isinstance(spec, settings.SweepSpec)
+  assert tuple(s.name for s in spec.samplers) == ("ddim10", "ddim25", "ddim50", "ddpm50")
+  assert all(s.spacing == "leading" and s.steps_offset == 1 for s in spec.samplers)
   cfg.spacing = "cosine"
   with pytest.raises(ValueError, match="unknown spacing 'cosine'"):
     sweep.validate(cfg)
@@ -25,7 +28,6 @@ def test_sweep_rejects_bad_names():
 
 
 def test_report_spread_is_over_seeds_and_left_out_for_one():
-  from tac_jax import report  # pylint: disable=import-outside-toplevel
   assert report.mean_std([1.0, 3.0]) == "2.00 ± 1.00"
   assert report.mean_std([1.234]) == "1.23"
   assert report.mean_std([]) == "-"

@@ -59,6 +59,7 @@ class _Context:
   comp_only: Any
   fd: Optional[FrechetReference]
   samples: Dict[Any, np.ndarray] = dataclasses.field(default_factory=dict)
+  features: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _sampler(job: JobSpec, model: Model, noise: Noise, log) -> samplers.Sampler:
@@ -101,6 +102,8 @@ def _method_entry(ctx: _Context, qm, where, cal: compensation.Calibration, mem) 
   noise, (setting, obs) = ctx.noise, where
   m = stages.evaluate(ctx.jit, qm, cal, noise.x_eval, noise.key_eval, ctx.ref, ctx.fd)
   ctx.samples[(setting, obs, cal.method)] = m.pop("x")
+  if ctx.fd is not None:   # kept for paired bootstrap intervals (experiments/leaderboard.py)
+    ctx.features[f"{setting}/{obs}/{cal.method}"] = ctx.fd.features(ctx.samples[(setting, obs, cal.method)])
   method = compensation.get(cal.method)
   entry = {"setting": setting, "ptq": obs, "method": cal.method, "memory_bytes": mem,
            "calibration_s": cal.seconds, "extra_calls_per_step": method.extra_calls,
@@ -195,9 +198,13 @@ def save_figures(ctx: _Context, entries: List[Dict[str, Any]], outdir: str) -> N
                       f"{setting} ({obs} PTQ): cumulative error per step")
 
 
-def write_results(config, results: Dict[str, Any], directory: str) -> str:
-  """results.json, results.md and manifest.json into `directory`; returns the table."""
+def write_results(config, results: Dict[str, Any], directory: str, features=None) -> str:
+  """results.json, results.md, features.npz (the evaluation samples' classifier features
+  and the float / data references', when there are any) and manifest.json into
+  `directory`; returns the table."""
   table = report.results_table(results)
+  if features:
+    np.savez_compressed(os.path.join(directory, "features.npz"), **features)
   with open(os.path.join(directory, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
   with open(os.path.join(directory, "results.md"), "w") as f:
@@ -233,7 +240,8 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True,
         if writer:
           save_figures(ctx, entries, tmp)
     if writer:
-      table = write_results(config, results, tmp)
+      refs = {} if ctx.fd is None else {"float": ctx.fd.float_features, "data": ctx.fd.data_features}
+      table = write_results(config, results, tmp, {**refs, **ctx.features})
   if writer:
     log(f"wrote {outdir}: results.json, results.md, manifest.json, "
         f"{len(results['grids'])} grids and error plots")

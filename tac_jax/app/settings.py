@@ -8,6 +8,9 @@ the field and what to write instead.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import ml_collections
@@ -50,6 +53,22 @@ def parse_ints(value, what: str, minimum: int) -> Tuple[int, ...]:
       raise ValueError(f"{what} must be >= {minimum}, got {n}.")
     out.append(n)
   return tuple(out)
+
+
+def load_plugins(value) -> Tuple[str, ...]:
+  """Imports the modules of `config.plugins` (a comma list, importable from the working
+  directory or sys.path), e.g. one that registers a compensation method with
+  `compensation.register`, so the job can name it in `methods`."""
+  names = tuple(v.strip() for v in str(value or "").split(",") if v.strip())
+  if names and os.getcwd() not in sys.path:   # launchers run with experiments/ as sys.path[0]
+    sys.path.append(os.getcwd())
+  for name in names:
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ValueError(f"config.plugins: cannot import {name!r} ({e}); run from the folder "
+                       "that holds it or add it to PYTHONPATH.") from None
+  return names
 
 
 def parse_methods(value) -> Tuple[str, ...]:
@@ -183,6 +202,7 @@ class JobSpec:
 def job_spec(config: ml_collections.ConfigDict) -> JobSpec:
   """Checks every main-job field before anything runs or is written."""
   ptq = tuple(parse_list(config.ptq, presets.PRESETS, "PTQ preset"))
+  load_plugins(config.get("plugins", ""))
   methods = parse_methods(config.methods)
   default = config.default_method
   if default not in compensation.names():
@@ -227,6 +247,7 @@ class SweepSpec:
 
 def sweep_spec(cfg: ml_collections.ConfigDict, ablations: Tuple[str, ...]) -> SweepSpec:
   """Checks every sweep field before anything runs or is written."""
+  load_plugins(cfg.get("plugins", ""))
   methods = parse_methods(cfg.methods)
   names = parse_list(cfg.samplers, None, "sampler")
   specs = tuple(sampler_spec(cfg, *parse_sampler(n)) for n in names)

@@ -284,7 +284,7 @@ def evaluate(jit: Compiled, qm: quant.QuantizedModel, cal: compensation.Calibrat
   error RMS, Frechet distances when `fd` is given, and the samples themselves ("x", host)."""
   x_q, traj, _ = jit.sample(qm.apply_fn("fake"), qm.variables, cal, x_T, key)
   p, s, q = _sample_metrics(x_q, ref.x)
-  out = {"psnr": stats(p), "ssim": stats(s),
+  out = {"psnr": stats(p), "ssim": stats(s), "psnr_samples": to_host(p).astype(float).tolist(),
          "std_ratio": float(to_host(q["std_ratio"])),
          "sharpness_ratio": float(to_host(q["sharpness_ratio"])),
          "error_rms_per_step": to_host(_error_rms(traj, x_q, ref.out)).tolist(),
@@ -314,8 +314,11 @@ class FrechetReference:
     """The float model's own FD to data."""
     return frechet.frechet_distance(self.float_features, self.data_features)
 
+  def features(self, x) -> np.ndarray:
+    return self.extractor(np.clip(to_host(x), -1, 1))
+
   def distances(self, x) -> Dict[str, float]:
-    f = self.extractor(np.clip(to_host(x), -1, 1))
+    f = self.features(x)
     return {"fd_vs_float": frechet.frechet_distance(f, self.float_features),
             "fd_vs_data": frechet.frechet_distance(f, self.data_features)}
 

@@ -29,7 +29,7 @@ def ddim_terms(sampler: Sampler, who: str) -> DDIMTerms:
   ab_t = abar[t]
   ab_prev = np.concatenate([abar[t[1:]], [1.0]])
   sig2 = np.asarray(c.sigma, np.float64) ** 2
-  b = np.asarray(direction(ab_t, ab_prev, sig2), np.float64)
+  b = np.sqrt(np.maximum(1 - ab_prev - sig2, 0.0)) - np.sqrt(ab_prev * (1 - ab_t) / ab_t)
   if not (np.allclose(np.sqrt(ab_prev / ab_t), np.asarray(c.a), rtol=1e-4)
           and np.allclose(b, np.asarray(c.b), rtol=1e-3, atol=1e-5)):
     raise ValueError(f"{who} needs a DDIM or DDPM sampler built from its schedule (it "
@@ -38,6 +38,6 @@ def ddim_terms(sampler: Sampler, who: str) -> DDIMTerms:
 
 
 def direction(ab_t, ab_prev, sig2):
-  """b: the DDIM coefficient of eps, sqrt(1 - abar_prev - sigma^2) - sqrt(abar_prev (1 -
+  """b (traced): the DDIM coefficient of eps, sqrt(1 - abar_prev - sigma^2) - sqrt(abar_prev (1 -
   abar_t) / abar_t)."""
   return jnp.sqrt(jnp.maximum(1 - ab_prev - sig2, 0.0)) - jnp.sqrt(ab_prev * (1 - ab_t) / ab_t)

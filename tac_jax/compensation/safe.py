@@ -2,7 +2,7 @@
 held-out calibration seeds, so it cannot do worse than no correction there.
 
 The calibration seeds are split into a fit half and a validation half; each base method
-(`SafeConfig.bases`, default tcec) is fitted on the first; on the second, every strength
+(`SafeConfig.bases`, default tcec and TAC-Diffusion's IBC + NER) is fitted on the first; on the second, every strength
 (gain term, offset term) on a grid -- (0, 0), no correction, included -- is sampled and
 scored by the final-sample PSNR against the float model. A strength is admissible only if
 its samples are (a) no further in contrast and sharpness from the float model's than
@@ -41,7 +41,7 @@ SAFE_METHOD = registry.DEFAULT_METHOD
 @dataclasses.dataclass(frozen=True)
 class SafeConfig:
   """How `tcec_safe` validates a correction (its options)."""
-  bases: Tuple[str, ...] = ("tcec",)          # fitted methods whose strengths are searched
+  bases: Tuple[str, ...] = ("tcec", "tac")    # fitted methods whose strengths are searched
   strengths: Tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # grid for each of the 2 terms
   val_fraction: float = 0.5                   # share of calibration seeds held out
   min_gain_db: float = 0.05                   # needed over no correction on validation
@@ -295,6 +295,6 @@ def safe_run(ctx: FitContext, x_T, key, phi) -> Tuple[CorrectionParams, SafeRepo
 
 
 registry.register(registry.Method(
-    SAFE_METHOD, "the default: tcec (or other bases) at the strength validated on held-out "
-    "calibration seeds, no correction when nothing is safely better", run=safe_run,
+    SAFE_METHOD, "the default: tcec or tac at the strength validated on held-out calibration "
+    "seeds, no correction when nothing is safely better", run=safe_run,
     options=SafeConfig(), calibration_calls=2))
