@@ -13,7 +13,7 @@ would change the calibration statistics.
 Multi-host (TPU pod slices, several GPU nodes): call `initialize_distributed` first (the
 launchers' `--distributed` flag does), build every host array identically on every
 process (same seeds), and the same code runs SPMD over the global mesh; `to_host` gathers
-a sharded result back to every process as numpy.
+a sharded result back to every process as numpy (`tac_jax.host.to_host`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tac_jax import compensation
 from tac_jax.diffusion import samplers
-from tac_jax.host import to_host  # noqa: F401  (the launchers gather results with it)
 
 DATA_AXIS = "data"
 

@@ -62,8 +62,10 @@ def tiny_model_dir(tmp_path_factory):
 # compared with each other); those tests live in tests/test_launchers.py.
 TINY_MAIN_FLAGS = ("--config.num_steps=3", "--config.num_calib=8", "--config.num_eval=8",
                    "--config.settings=W8A8,W4A4", "--config.ptq=minmax",
-                   "--config.methods=none,tcec,tcec_safe", "--config.timing_repeats=0")
-TINY_SWEEP_FLAGS = ("--config.seeds=0", "--config.settings=W4A4", "--config.methods=none,tcec",
+                   "--config.methods=none,tcec,tcec_safe,toy_offset", "--config.timing_repeats=0",
+                   "--config.plugins=tests.toy_compensator")
+TINY_SWEEP_FLAGS = ("--config.seeds=0", "--config.settings=W4A4",
+                    "--config.methods=none,tcec,toy_offset", "--config.plugins=tests.toy_compensator",
                     "--config.samplers=ddim2,ddim3", "--config.ref_sampler=ddim3",
                     "--config.ptq_options=minmax,svdquant_bc", "--config.num_calib=8",
                     "--config.num_eval=8", "--config.num_fd=16", "--config.fd_methods=none,tcec",
@@ -72,6 +74,9 @@ TINY_SWEEP_FLAGS = ("--config.seeds=0", "--config.settings=W4A4", "--config.meth
 
 
 SHARED_RUNS_FILE = "test_launchers.py"
+# A generous bound, not a speed check (on 2 idle cores the runs take ~3 min): under load
+# the suite should slow down, not fail.
+RUN_TIMEOUT_S = 3600
 
 
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
@@ -104,6 +109,6 @@ def tiny_runs(tiny_model_dir, tmp_path_factory):
     procs[name] = (outdir, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                                  stderr=subprocess.PIPE, text=True, cwd=ROOT))
   for name, (outdir, cmd, proc) in procs.items():
-    stdout, stderr = proc.communicate(timeout=900)
+    stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
     out[name] = (outdir, subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
   return out

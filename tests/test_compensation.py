@@ -15,25 +15,12 @@ from tac_jax.compensation.ddim import ddim_terms, direction
 from tac_jax.compensation.lstsq import solve_with_regressor
 from tac_jax.diffusion import samplers, schedules
 
+from toys import AFFINE_Q, C, LINEAR, VARS, affine_error_eps, linear_eps, noise
+
 SCHED = schedules.make_schedule("linear", 1000)
-C = 3
 
 
 # ----------------------------------------------------------------------------- toy networks
-
-def linear_eps(variables, x, t):
-  """A toy 'network' with diagonal Jacobian: eps = g(t) w_c x."""
-  g = 0.5 + 0.4 * jnp.cos(t.astype(jnp.float32) / 1000.0)
-  return g.reshape((-1,) + (1,) * (x.ndim - 1)) * variables["w"] * x
-
-
-def affine_error_eps(variables, x, t):
-  """Its 'quantized' version: an error exactly affine per channel in the output."""
-  tt = t.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1)) / 1000.0
-  k = variables["k"] * (1.0 + tt)
-  beta = variables["beta"] * (1.0 - 0.5 * tt)
-  return (1.0 + k) * linear_eps(variables, x, t) + beta
-
 
 def quantized_output_eps(variables, x, t):
   """A non-affine error: 3-bit fake quantization of a nonlinear float network."""
@@ -46,14 +33,9 @@ def nonlinear_eps(variables, x, t):
   return jnp.tanh(linear_eps(variables, x, t) * 1.5)
 
 
-VARS = {"w": jnp.array([0.9, 1.1, 1.3]), "k": jnp.array([0.05, -0.08, 0.12]),
-        "beta": jnp.array([0.02, -0.05, 0.03])}
-LINEAR, AFFINE_Q = Net(linear_eps, VARS), Net(affine_error_eps, VARS)
 NONLINEAR, QUANTIZED = Net(nonlinear_eps, VARS), Net(quantized_output_eps, VARS)
 
-
-def _noise(seed, n=16, hw=4):
-  return jax.random.normal(jax.random.key(seed), (n, hw, hw, C))
+_noise = noise
 
 
 def _calibrate(fp, q, sampler, x_T, key, method, **kw):

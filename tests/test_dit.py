@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tac_jax.models import convert
-from tac_jax.models import dit
+from tac_jax.models import dit, dit_blocks, dit_config
 from tac_jax.models import dit_convert
 
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2,
@@ -46,11 +46,11 @@ def test_config_translation_and_errors():
   with pytest.raises(ValueError, match="unsupported diffusers class 'UNet2DModel'"):
     dit_convert.dit_config_from_diffusers({"_class_name": "UNet2DModel"})
   with pytest.raises(ValueError, match="cross_attention_dim must be 16"):
-    dit.DiTConfig(**dict(PIXART, cross_attention_dim=24), norm_type="ada_norm_single")
+    dit_config.DiTConfig(**dict(PIXART, cross_attention_dim=24), norm_type="ada_norm_single")
 
 
 def test_init_and_input_errors():
-  cfg = dit.DiTConfig(**DIT)
+  cfg = dit_config.DiTConfig(**DIT)
   module, params = dit.init_dit(cfg, jax.random.key(0))
   apply = jax.jit(module.apply)
   x, t, labels = dit.dummy_inputs(cfg, batch=2)
@@ -157,7 +157,7 @@ def test_missing_and_unexpected_keys(dit_torch):
     dit_convert.convert_dit_state_dict(
         {**sd, "caption_projection.linear_1.weight": np.zeros((16, 12))}, cfg)
   # The sin-cos table is recomputed; one stored in the checkpoint must agree with it.
-  table = dit.sincos_pos_embed(cfg.inner_dim, cfg.grid_size)[None]
+  table = dit_blocks.sincos_pos_embed(cfg.inner_dim, cfg.grid_size)[None]
   dit_convert.convert_dit_state_dict({**sd, "pos_embed.pos_embed": table}, cfg)
   with pytest.raises(ValueError, match="pos_embed.pos_embed is not the sin-cos table"):
     dit_convert.convert_dit_state_dict({**sd, "pos_embed.pos_embed": table / 2}, cfg)

@@ -342,3 +342,19 @@ def test_field_methods_gain_on_the_shipped_model_and_none_diverges(shipped_w8a8)
   for m in ("tac", "stepbaq", "ptqd"):
     assert scores[m] > scores["none"] + 10, scores
   assert scores["qncd"] > scores["none"] - 3.0, scores
+
+
+def test_multistep_samplers_are_refused_by_one_step_error_models_only():
+  """DPM-Solver++ 2M mixes the previous output into each step: the one-step target of tcec
+  (and paper_m1, stepbaq, qncd) does not describe it, so they refuse it with a clear
+  error; TAC and PTQD (same-input fits) and plain PTQ run."""
+  from tac_jax.diffusion import multistep   # pylint: disable=import-outside-toplevel
+  sampler = multistep.dpm_solver_2m(SCHED, 6)
+  for method in ("tcec", "paper_m1", "per_step"):
+    with pytest.raises(ValueError, match="multistep"):
+      _fit(method, gain_eps, sampler, n=8)
+  p = _fit("tac", gain_eps, sampler, n=64, options=comp.TACOptions(threshold=0.0))
+  x_new, key = _x(5, 64), jax.random.key(6)
+  x_fp = _run(gaussian_eps, sampler, x_new, key)
+  assert _rms(_run(gain_eps, sampler, x_new, key, p, "tac"), x_fp) < 0.2 * _rms(
+      _run(gain_eps, sampler, x_new, key), x_fp)

@@ -4,11 +4,9 @@ correction beats plain PTQ on seeds it was not fitted on."""
 import os
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tac_jax import compensation as comp
 from tac_jax import metrics
 from tac_jax.diffusion import samplers
 

@@ -56,21 +56,6 @@ def _close(got, want, rtol=1e-4):
   np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(np.abs(want).max()))
 
 
-def _float_batch_timestep(t, x):
-  t = jnp.asarray(t)
-  dtype = t.dtype if jnp.issubdtype(t.dtype, jnp.floating) else jnp.int32
-  return jnp.full((x.shape[0],), t, dtype)
-
-
-@pytest.fixture
-def float_timesteps(monkeypatch):
-  """`samplers.sample` passing a float network timestep through. Flow samplers need
-  samplers.batch_timestep to keep a float t (the change proposed with flow.py); until it
-  does, the test patches in exactly that change."""
-  if samplers.batch_timestep(jnp.float32(0.5), jnp.zeros((1,))).dtype != jnp.float32:
-    monkeypatch.setattr(samplers, "batch_timestep", _float_batch_timestep)
-
-
 # ----------------------------------------------------------------------------- prediction
 
 
@@ -152,11 +137,11 @@ def test_flow_sigmas_match_diffusers(shift):
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
-def test_flow_euler_matches_diffusers(shift, float_timesteps):
+def test_flow_euler_matches_diffusers(shift):
   ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
   ref.set_timesteps(12)
   ours = flow.flow_euler(12, shift=shift)
-  c, fs = ours.coeffs, flow.flow_sigmas(12, shift)
+  c = ours.coeffs
   np.testing.assert_array_equal(c.a, 1.0)
   np.testing.assert_array_equal(c.sigma, 0.0)
   np.testing.assert_allclose(c.b, np.diff(ref.sigmas.numpy()), rtol=1e-6)
@@ -170,7 +155,7 @@ def test_flow_euler_matches_diffusers(shift, float_timesteps):
   _close(_our_run(jnp_net, ours, x_T), _ref_run(ref, torch_net, x_T), rtol=1e-5)
 
 
-def test_flow_heun_matches_diffusers(float_timesteps):
+def test_flow_heun_matches_diffusers():
   ref = diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0)
   ref.set_timesteps(6)
   ours = flow.flow_heun(6, shift=3.0)

@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import jax
 import ml_collections

@@ -23,7 +23,6 @@ SafeConfig, as the sweep always has; the main job fits phi per setting.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any, Dict, List, NamedTuple, Tuple

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tac_jax.compensation import registry
 from tac_jax.compensation.params import (CorrectionParams, check_params_finite, default_phi,
@@ -30,7 +31,18 @@ class Calibration:
   report: Optional[Any] = None
 
 
+def is_multistep(sampler: Sampler) -> bool:
+  """Whether a step also takes the previous step's output or state (nonzero c or d)."""
+  c = sampler.coeffs
+  return any(getattr(c, f, None) is not None and bool(np.any(np.asarray(getattr(c, f)) != 0))
+             for f in ("c", "d"))
+
+
 def _context(fp: Net, q: Net, sampler: Sampler, method: registry.Method, options) -> FitContext:
+  if not method.multistep and is_multistep(sampler):
+    raise ValueError(f"{method.name} models each step as x_next = a x + b eps, but this sampler "
+                     "also mixes the previous step's output (a multistep solver); use a "
+                     "method that supports it (none, tac, ptqd) or a DDIM / DDPM / Euler sampler.")
   if method.needs_schedule and sampler.schedule is None:
     raise ValueError(f"{method.name} re-derives the sampler's steps from its noise schedule, "
                      "but this sampler carries none: build it with samplers.ddim / ddpm / "

@@ -76,7 +76,7 @@ def register_least_squares(name: str, summary: str, config: FitConfig) -> Method
                          sequential=None, calibration_calls=calls))
 
 
-register(Method("none", "no correction (plain PTQ)", calibration_calls=0))
+register(Method("none", "no correction (plain PTQ)", calibration_calls=0, multistep=True))
 register_least_squares("per_step", "per-step own error d_i, fitted on plain PTQ trajectories",
                        FitConfig(target="same_input", sequential=False))
 register_least_squares("tcec", "cumulative target D_i, sequential, per channel, intercept",

@@ -80,7 +80,6 @@ def compensate(sampler: Sampler, params: Optional[CorrectionParams]) -> Sampler:
   Returns:
     A Sampler whose state is CompensatedState(inner, ErrorState(e_hat), eps_q_prev).
   """
-  c = sampler.coeffs
   if params is not None:
     check_params(params, sampler)
     check_params_finite(params, "compensate")

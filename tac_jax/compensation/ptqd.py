@@ -56,4 +56,5 @@ def ptqd_fit(ctx: FitContext):
 
 
 register(Method("ptqd", "PTQD: correlated-noise gain and per-channel bias on the float "
-                "trajectory; variance absorbed at eta > 0", fit=ptqd_fit, calibration_calls=3))
+                "trajectory; variance absorbed at eta > 0", fit=ptqd_fit, calibration_calls=3,
+                multistep=True))

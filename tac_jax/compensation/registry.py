@@ -41,6 +41,9 @@ class Method:
   needs_schedule: the sampler must carry its noise schedule (`Sampler.schedule`).
   extra_calls: extra network calls per sampling step at run time (QNCD: 1 / interval).
   calibration_calls: network calls per calibration step (float + quantized).
+  multistep: the fit holds for samplers whose step also mixes the previous output
+    (DPM-Solver++ 2M, Heun: `multistep.MultistepCoeffs`); methods whose target is the
+    one-step affine error model (x_{i+1} = a_i x_i + b_i eps) refuse them.
   """
   name: str
   summary: str
@@ -53,6 +56,7 @@ class Method:
   needs_schedule: bool = False
   extra_calls: float = 0.0
   calibration_calls: int = 2
+  multistep: bool = False
 
   def __post_init__(self):
     if self.fit is not None and self.run is not None:

@@ -30,7 +30,7 @@ from tac_jax import metrics
 from tac_jax.compensation import registry
 from tac_jax.compensation.calibrate import fit_scan
 from tac_jax.compensation.params import CorrectionParams, scale_params
-from tac_jax.compensation.scan import FitContext, Net, check_calibration_noise
+from tac_jax.compensation.scan import FitContext, check_calibration_noise
 from tac_jax.diffusion.samplers import sample
 from tac_jax.host import to_host
 from tac_jax.metrics import frechet

@@ -9,9 +9,10 @@ reimplementation pair them), and
 
     K = [(1-l1) S(q r) + l1 N S(q / r) + l2 N] / [(1-l1) S(q^2) + l1 N S(q^2 / r^2) + l2 N]
 
-(sums S over the masked elements of a channel, N their count; |r| floored at 0.1 x its
-channel mean in the relative term, else a few r ~ 0 under large q decide K), fitted step
-by step on trajectories corrected at earlier steps.
+(sums S over the masked elements of one sample's channel, N their count; |r| floored at
+0.1 x its channel mean in the relative term, else a few r ~ 0 under large q decide K),
+averaged over the calibration samples (as the public reimplementation averages its
+per-sample K), fitted step by step on trajectories corrected at earlier steps.
 """
 
 from __future__ import annotations
@@ -36,18 +37,20 @@ class TACOptions:
 
 
 def ner_gain(q, r, cfg: TACOptions):
-  """NER's closed-form K per channel from paired outputs q, r (masked by |q|)."""
+  """NER's closed-form K per channel from paired outputs q, r [B, H, W, C]: per sample and
+  channel over the masked elements (|q| > threshold x mean |q|), then averaged over the
+  calibration samples, as the public reimplementation averages its K."""
   l1, l2 = cfg.lambda1, cfg.lambda2
+  spatial = tuple(range(1, q.ndim - 1))
   mag = jnp.abs(q)
-  m = (mag > cfg.threshold * jnp.mean(mag, axis=tuple(range(1, q.ndim - 1)), keepdims=True))
-  m = m.astype(q.dtype)
+  m = (mag > cfg.threshold * jnp.mean(mag, axis=spatial, keepdims=True)).astype(q.dtype)
   floor = R_FLOOR * jnp.mean(jnp.abs(r), axis=tuple(range(q.ndim - 1)))
   r_rel = jnp.where(r < 0, -1.0, 1.0) * jnp.maximum(jnp.abs(r), floor)
-  S = lambda v: jnp.sum(m * v, axis=tuple(range(q.ndim - 1)))
+  S = lambda v: jnp.sum(m * v, axis=spatial)                       # [B, C]
   n = S(jnp.ones_like(q))
   num = (1 - l1) * S(q * r) + l1 * n * S(q * r / r_rel ** 2) + l2 * n
   den = (1 - l1) * S(q * q) + l1 * n * S(q * q / r_rel ** 2) + l2 * n
-  return jnp.where(n > 0, num / jnp.maximum(den, 1e-20), 1.0)
+  return jnp.mean(jnp.where(n > 0, num / jnp.maximum(den, 1e-20), 1.0), axis=0)
 
 
 def tac_fit(ctx: FitContext):
@@ -66,4 +69,4 @@ def tac_fit(ctx: FitContext):
 
 register(Method("tac", "TAC-Diffusion: input bias correction + masked noise estimation "
                 "reconstruction (same-input pairing)", fit=tac_fit, options=TACOptions(),
-                calibration_calls=3))
+                calibration_calls=3, multistep=True))

@@ -287,6 +287,15 @@ def schedule_from_diffusers(directory: str) -> Optional[Dict[str, Any]]:
   return None
 
 
+def read_config(path: str) -> Dict[str, Any]:
+  """A diffusers config.json, with an error naming the file when it is not JSON."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"corrupt {path}: {e}") from None
+
+
 def import_diffusers(directory: str, weights: Optional[str] = None,
                      config: Optional[Mapping[str, Any]] = None):
   """Loads a diffusers UNet2DModel. Returns (module, params, meta) like `checkpoint.load_model`.
@@ -297,11 +306,7 @@ def import_diffusers(directory: str, weights: Optional[str] = None,
     cfg_path, w_path = _find(directory)
     weights = weights or w_path
     if config is None:
-      try:
-        with open(cfg_path) as f:
-          config = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt {cfg_path}: {e}") from None
+      config = read_config(cfg_path)
   unet_config = config_from_diffusers(config)
   params = convert_state_dict(load_state_dict(weights), unet_config)
   schedule = schedule_from_diffusers(directory) if directory else None

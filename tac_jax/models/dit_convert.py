@@ -28,8 +28,10 @@ import jax
 import numpy as np
 
 from tac_jax.models import torch_weights
-from tac_jax.models.convert import CONFIG_NAME, WEIGHTS_NAMES, load_state_dict
-from tac_jax.models.dit import DiT, DiTConfig, dummy_inputs, sincos_pos_embed
+from tac_jax.models.convert import CONFIG_NAME, WEIGHTS_NAMES, load_state_dict, read_config
+from tac_jax.models.dit import DiT, dummy_inputs
+from tac_jax.models.dit_blocks import sincos_pos_embed
+from tac_jax.models.dit_config import DiTConfig
 
 SUBFOLDER = "transformer"
 SHARD_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -198,11 +200,6 @@ def _load_weights(path: str) -> Dict[str, np.ndarray]:
 def import_dit_diffusers(directory: str):
   """Loads a diffusers DiT / PixArt transformer directory. Returns (module, params, config)."""
   cfg_path, weights = _find(directory)
-  try:
-    with open(cfg_path) as f:
-      raw = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"corrupt {cfg_path}: {e}") from None
-  config = dit_config_from_diffusers(raw)
+  config = dit_config_from_diffusers(read_config(cfg_path))
   params = convert_dit_state_dict(_load_weights(weights), config)
   return DiT(config), params, config

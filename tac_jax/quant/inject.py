@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -117,6 +117,42 @@ class LayerSpec:
   def weighted(self) -> bool:
     """Whether the layer has a kernel (a matmul multiplies two activations)."""
     return self.kind != "matmul"
+
+
+# ----------------------------------------------------------------------------- layer choice
+
+FLOAT_REASONS = {
+    "config": "excluded by QuantConfig.include / exclude",
+    "group": "nn.ConvTranspose is quantized per channel only; group-wise presets leave it in float",
+    "type": "not a Dense, Conv or ConvTranspose layer (left in float)",
+    "matmul": "attention matmul, runs in float (QuantConfig.attention_matmuls=True quantizes it)",
+}
+
+
+def unsupported(kind: str, config: QuantConfig) -> Optional[str]:
+  """The FLOAT_REASONS key of a layer kind `config` leaves in float, or None."""
+  if kind == "matmul" and not config.attention_matmuls:
+    return "matmul"
+  if kind == "conv_transpose" and config.group_size:
+    return "group"       # the group-wise path has no transposed conv
+  return None
+
+
+def select_layers(layers: Mapping[str, str], config: QuantConfig) -> Dict[str, LayerSpec]:
+  """LayerSpecs (empty out_features, filled later) for the layers the config selects."""
+  inc, exc, keep8 = (re.compile(p) for p in (config.include, config.exclude, config.keep_8bit))
+  chosen = {}
+  for path, kind in layers.items():
+    if not inc.search(path) or exc.search(path):
+      continue
+    if unsupported(kind, config):
+      continue
+    eight = bool(keep8.search(path))
+    chosen[path] = LayerSpec(kind=kind, w_bits=8 if eight else config.w_bits,
+                             a_bits=8 if eight else config.a_bits,
+                             a_symmetric=config.a_symmetric, out_features=0,
+                             group_size=0 if kind == "matmul" else config.group_size)
+  return chosen
 
 
 def layer_path(module: nn.Module) -> str:

@@ -75,13 +75,12 @@ def quantized_dense(x: jax.Array, a_qp: core.QuantParams, wq: jax.Array,
 
 def quantized_conv(x: jax.Array, a_qp: core.QuantParams, wq: jax.Array,
                    w_scale: jax.Array, w_sum: jax.Array, strides, padding,
-                   rhs_dilation=(1, 1), bias=None) -> jax.Array:
-  """2-D convolution (NHWC/HWIO) on the integer path."""
+                   rhs_dilation=(1, 1)) -> jax.Array:
+  """2-D convolution (NHWC/HWIO) on the integer path (the layer adds its bias)."""
   z, s = _zero_and_scale(a_qp)
   acc = int_conv(core.quantize(x, a_qp), wq, strides, padding, pad_value=z,
                  rhs_dilation=rhs_dilation) - z * w_sum
-  y = acc.astype(jnp.float32) * (s * w_scale)
-  return y if bias is None else y + bias
+  return acc.astype(jnp.float32) * (s * w_scale)
 
 
 def float_conv(x, w, strides, padding, rhs_dilation=(1, 1)):

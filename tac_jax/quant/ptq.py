@@ -3,7 +3,10 @@
 1. List the Dense/Conv layers the model calls and pick those the config selects.
 2. Quantize their weights once (per output channel, symmetric).
 3. Run the float model over calibration inputs (x, t), recording per-layer input
-   statistics, grouped by timestep when `config.time_groups > 1`.
+   statistics, grouped by timestep when `config.time_groups > 1`. A conditioned model
+   takes batches (x, t, *cond), called as `module.apply(v, x, t, *cond)`: for a
+   classifier-free-guided one, x and t twice and cond = concat([cond, null]), the one
+   batched call the sampler makes (`diffusion.guidance.calibration_batches`).
 4. Fit activation ranges with the configured observer.
 """
 
@@ -26,57 +29,25 @@ from tac_jax.quant import core
 from tac_jax.quant import groupwise
 from tac_jax.quant import int_ops
 from tac_jax.quant import observers
-from tac_jax.quant.inject import (MODES, QUANT_COLLECTION, STATS_COLLECTION, LayerSpec, QuantConfig,
-                                  error_interceptor,
-                                  list_layers, observing_interceptor, quantizing_interceptor,
-                                  time_group)
+from tac_jax.quant.inject import (FLOAT_REASONS, MODES, QUANT_COLLECTION, STATS_COLLECTION,
+                                  LayerSpec, QuantConfig, error_interceptor, list_layers,
+                                  observing_interceptor, quantizing_interceptor, select_layers,
+                                  time_group, unsupported)
 
 Params = Dict[str, Any]
 LOW_RANK_CAP = 8
-CalibBatch = Tuple[jax.Array, Any]  # (x, t); t is a scalar timestep (or None)
+# (x, t) or (x, t, *cond): t a scalar timestep (or None), cond the model's further
+# positional inputs (class labels, caption embeddings and mask), one row per sample.
+CalibBatch = Tuple[Any, ...]
 
 
-def _call(module, variables, x, t, **kw):
+def _call(module, variables, x, t, *cond, **kw):
   """The model on one calibration batch; a scalar timestep is passed as an int32 [B]
   array, the convention the samplers use (one convention for a user's model)."""
   if t is None:
-    return module.apply(variables, x, **kw)
+    return module.apply(variables, x, *cond, **kw)
   return module.apply(variables, x, jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],)),
-                      **kw)
-
-
-FLOAT_REASONS = {
-    "config": "excluded by QuantConfig.include / exclude",
-    "group": "nn.ConvTranspose is quantized per channel only; group-wise presets leave it in float",
-    "type": "not a Dense, Conv or ConvTranspose layer (left in float)",
-    "matmul": "attention matmul, runs in float (QuantConfig.attention_matmuls=True quantizes it)",
-}
-
-
-def _unsupported(kind: str, config: QuantConfig) -> Optional[str]:
-  """The FLOAT_REASONS key of a layer kind `config` leaves in float, or None."""
-  if kind == "matmul" and not config.attention_matmuls:
-    return "matmul"
-  if kind == "conv_transpose" and config.group_size:
-    return "group"       # the group-wise path has no transposed conv
-  return None
-
-
-def select_layers(layers: Mapping[str, str], config: QuantConfig) -> Dict[str, LayerSpec]:
-  """LayerSpecs (empty out_features, filled later) for the layers the config selects."""
-  inc, exc, keep8 = (re.compile(p) for p in (config.include, config.exclude, config.keep_8bit))
-  chosen = {}
-  for path, kind in layers.items():
-    if not inc.search(path) or exc.search(path):
-      continue
-    if _unsupported(kind, config):
-      continue
-    eight = bool(keep8.search(path))
-    chosen[path] = LayerSpec(kind=kind, w_bits=8 if eight else config.w_bits,
-                             a_bits=8 if eight else config.a_bits,
-                             a_symmetric=config.a_symmetric, out_features=0,
-                             group_size=0 if kind == "matmul" else config.group_size)
-  return chosen
+                      *cond, **kw)
 
 
 def _groupwise_weight(kernel: jax.Array, spec: LayerSpec, smooth) -> Dict[str, jax.Array]:
@@ -125,7 +96,7 @@ class QuantizedModel:
   float_reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   def apply_fn(self, mode: str = "fake") -> Callable:
-    """Pure `apply(variables, x, t)` for `mode` in {'fake', 'int'}.
+    """Pure `apply(variables, x, t, *cond)` for `mode` in {'fake', 'int'}.
 
     Models with the same module, layer specs and activation handling get equal (and
     equally hashing) functions whatever their observers, so jitted code that takes the
@@ -148,8 +119,8 @@ class QuantizedModel:
         out[path] = self.float_reasons.get(path, FLOAT_REASONS["type"])
     return out
 
-  def __call__(self, x, t=None, mode: str = "fake"):
-    return _jitted_apply(self.apply_fn(mode), self.variables, x, t)
+  def __call__(self, x, t=None, *cond, mode: str = "fake"):
+    return _jitted_apply(self.apply_fn(mode), self.variables, x, t, cond)
 
   def memory_report(self, float_params: Params) -> Dict[str, int]:
     """Bytes of the float model vs this model, and of the quantized layers alone."""
@@ -176,7 +147,8 @@ class QuantizedModel:
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedApply:
-  """The quantized network as a pure `apply(variables, x, t)`: a frozen dataclass of static
+  """The quantized network as a pure `apply(variables, x, t, *cond)` (cond: a conditioned
+  model's further inputs, as in its calibration batches): a frozen dataclass of static
   values, hashable and compared by value, so `jax.jit` code that takes it as a static
   argument compiles once per (module, layer specs, activation handling, mode)."""
   module: nn.Module
@@ -186,26 +158,49 @@ class QuantizedApply:
   num_timesteps: int
   mode: str
 
-  def __call__(self, variables, x, t=None):
+  def __call__(self, variables, x, t=None, *cond):
     group = 0 if t is None else time_group(t, self.num_timesteps, self.time_groups)
     # The interceptor only reads a_dynamic from the config; bits come from the specs.
     config = QuantConfig(a_dynamic=self.a_dynamic, time_groups=self.time_groups)
     with nn.intercept_methods(quantizing_interceptor(dict(self.specs), config, self.mode, group)):
-      return _call(self.module, variables, x, t)
+      return _call(self.module, variables, x, t, *cond)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _jitted_apply(fn: QuantizedApply, variables, x, t):
-  return fn(variables, x, t)
+def _jitted_apply(fn: QuantizedApply, variables, x, t, cond):
+  return fn(variables, x, t, *cond)
+
+
+def _as_batch(batch, i: int) -> CalibBatch:
+  if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+    what = f"length {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    raise ValueError(f"calibration batch {i} must be a tuple (x, t) or (x, t, *cond), got {what}.")
+  return tuple(batch)
+
+
+def _check_conditions(x, cond, i: int, structure) -> None:
+  """Every batch has batch 0's kind of conditions, each array one row per sample."""
+  if jax.tree.structure(cond) != structure:
+    raise ValueError(f"calibration batch {i} has conditions {jax.tree.structure(cond)} but batch "
+                     f"0 has {structure}: every batch must be (x, t) or every one (x, t, *cond) "
+                     "with the same condition inputs.")
+  b = np.shape(x)[0]
+  rows = [np.shape(v) for v in jax.tree.leaves(cond) if np.ndim(v) and np.shape(v)[0] != b]
+  if rows:
+    raise ValueError(f"calibration batch {i}: x has {b} samples but a condition array has shape "
+                     f"{list(rows[0])}; conditions need one row per sample (leading dim {b}; "
+                     "for guidance, x twice and concat([cond, null])).")
 
 
 def _check_calibration(calib: Sequence[CalibBatch],
                        num_timesteps: Optional[int] = None) -> List[CalibBatch]:
-  calib = list(calib)
+  calib = [_as_batch(b, i) for i, b in enumerate(calib)]
   if not calib:
-    raise ValueError("no calibration data: pass at least one (x, t) batch.")
-  for i, (x, t) in enumerate(calib):
+    raise ValueError("no calibration data: pass at least one (x, t) or (x, t, *cond) batch.")
+  structure = jax.tree.structure(calib[0][2:])
+  for i, (x, t, *cond) in enumerate(calib):
     observers.check_calibration_data(x, f"calibration batch {i}")
+    _check_conditions(x, tuple(cond), i, structure)
     if t is not None and num_timesteps is not None:
       bad = [v for v in np.ravel(t) if not 0 <= v < num_timesteps]
       if bad:
@@ -229,16 +224,16 @@ def _collect_activation_stats(module, params, calib: List[CalibBatch], config: Q
   layer's per-input-channel max |x| over all of them."""
 
   @jax.jit
-  def observe(params, x, t):
+  def observe(params, x, t, cond):
     with nn.intercept_methods(observing_interceptor(config.sample_size)):
-      _, state = _call(module, {"params": params}, x, t, mutable=[STATS_COLLECTION])
+      _, state = _call(module, {"params": params}, x, t, *cond, mutable=[STATS_COLLECTION])
     return state[STATS_COLLECTION]
 
   stats: Dict[str, List[List[act_stats.Record]]] = {}
   channel_absmax: Dict[str, np.ndarray] = {}
-  for x, t in calib:
+  for x, t, *cond in calib:
     g = 0 if t is None else int(time_group(t, num_timesteps, config.time_groups))
-    rec = jax.tree.map(to_host, observe(params, x, t))
+    rec = jax.tree.map(to_host, observe(params, x, t, tuple(cond)))
     flat = traverse_util.flatten_dict(rec, is_leaf=lambda k, v: isinstance(v, tuple))
     for key, calls in flat.items():
       path = "/".join(key[:-1])
@@ -310,15 +305,15 @@ def _bias_corrections(module, variables, specs, config: QuantConfig, calib,
   batches, each layer fed the float model's own activations."""
 
   @jax.jit
-  def errors(variables, x, t):
+  def errors(variables, x, t, cond):
     group = 0 if t is None else time_group(t, num_timesteps, config.time_groups)
     with nn.intercept_methods(error_interceptor(specs, config, group)):
-      _, state = _call(module, variables, x, t, mutable=[STATS_COLLECTION])
+      _, state = _call(module, variables, x, t, *cond, mutable=[STATS_COLLECTION])
     return state[STATS_COLLECTION]
 
   sums: Dict[str, Any] = {}
-  for x, t in calib:
-    flat = traverse_util.flatten_dict(errors(variables, x, t),
+  for x, t, *cond in calib:
+    flat = traverse_util.flatten_dict(errors(variables, x, t, tuple(cond)),
                                       is_leaf=lambda k, v: isinstance(v, tuple))
     for key, calls in flat.items():
       path = "/".join(key[:-1])
@@ -329,11 +324,11 @@ def _bias_corrections(module, variables, specs, config: QuantConfig, calib,
 
 def _layer_specs(module, params, calib, config: QuantConfig):
   """The selected layers' specs (output width and low-rank cap filled in) and kernels."""
-  x0, t0 = calib[0]
+  x0, t0, *cond = calib[0]
   args = (x0,) if t0 is None else (x0, jnp.full((x0.shape[0],), t0, jnp.int32))
-  layers = list_layers(module, {"params": params}, *args)
+  layers = list_layers(module, {"params": params}, *args, *cond)
   specs = select_layers(layers, config)
-  excluded = {p: FLOAT_REASONS[_unsupported(layers[p], config) or "config"] for p in layers
+  excluded = {p: FLOAT_REASONS[unsupported(layers[p], config) or "config"] for p in layers
               if p not in specs}
   if not specs:
     raise ValueError(f"QuantConfig selects none of the model's layers {sorted(layers)}; "
@@ -352,12 +347,15 @@ def _layer_specs(module, params, calib, config: QuantConfig):
 
 def quantize_model(module: nn.Module, params: Params, calib: Iterable[CalibBatch],
                    config: QuantConfig, num_timesteps: int = 1000) -> QuantizedModel:
-  """Post-training quantization of `module` (called as `module.apply(v, x, t)`).
+  """Post-training quantization of `module` (called as `module.apply(v, x, t, *cond)`).
 
   Args:
     module: a Flax Linen module; its Dense/Conv layers are quantized by interception.
     params: the float `params` collection.
-    calib: (x, t) calibration batches, t a scalar timestep (None for models without t).
+    calib: (x, t) calibration batches, t a scalar timestep (None for models without t),
+      or, for a conditioned model, (x, t, *cond) batches: cond its further positional
+      inputs (e.g. labels [B], or caption embeddings [B, L, D] and a mask [B, L]), the
+      same kind in every batch. `apply_fn(mode)` then takes them too.
     config: what to quantize (bits, observers, ranges per timestep group, or the
       group-wise / SmoothQuant / low-rank / bias-correction options).
     num_timesteps: the diffusion T, used to map t to its activation-range group.
