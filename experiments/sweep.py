@@ -1,7 +1,7 @@
 """The evaluation sweep: settings x methods x samplers x seeds, PTQ options, ablations,
 Frechet distance, error analysis; writes report.md, sweep.json, plots and grids.
 
-  python experiments/sweep.py --outdir=docs/sweep
+  python experiments/sweep.py --outdir=runs/sweep
   python experiments/sweep.py --config.seeds=0,1,2 --config.samplers=ddim10,ddim25 --outdir=runs/s
 """
 

@@ -154,13 +154,22 @@ def staged_directory(final: str) -> Iterator[str]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def manifest(config: Optional[Mapping[str, Any]], directory: str) -> Dict[str, Any]:
-  """What produced `directory`'s files: config, git revision, versions, file checksums."""
+def _git(*args: str) -> Optional[str]:
+  """A git command's output in the package's checkout (None outside one or without git)."""
   try:
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
   except (OSError, subprocess.SubprocessError):
-    rev = None
+    return None
+  return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def manifest(config: Optional[Mapping[str, Any]], directory: str) -> Dict[str, Any]:
+  """What produced `directory`'s files: config, git revision (and whether the checkout had
+  uncommitted changes to tracked files), versions, file checksums."""
+  rev = _git("rev-parse", "HEAD") or None
+  status = _git("status", "--porcelain", "--untracked-files=no")
+  dirty = None if status is None else bool(status)
   versions = {}
   for dist in ("jax", "jaxlib", "flax", "numpy", "orbax-checkpoint", "tac_jax"):
     try:
@@ -169,7 +178,7 @@ def manifest(config: Optional[Mapping[str, Any]], directory: str) -> Dict[str, A
       versions[dist] = None
   files = {k: v for k, v in tree_checksums(directory).items() if k != MANIFEST}
   return {"config": dict(config) if config is not None else None, "git_revision": rev,
-          "versions": versions, "python": sys.version.split()[0], "files": files}
+          "git_dirty": dirty, "versions": versions, "python": sys.version.split()[0], "files": files}
 
 
 # ----------------------------------------------------------------------------- param trees

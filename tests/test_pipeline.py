@@ -22,6 +22,9 @@ def test_bad_config_values_are_rejected_before_anything_is_written(tiny_model_di
                               ("methods", "tcec,tcec", "more than once"),
                               ("eta", -0.5, "eta must be in"),
                               ("num_steps", 0, "num_steps must be"),
+                              ("timing_repeats", -3, "timing_repeats must be an integer >= 0"),
+                              ("default_method", "tcec_sfe", "not a compensation method"),
+                              ("plugins", "no_such_module_here", "cannot import"),
                               ("checkpoint", str(tmp_path / "missing"), "does not exist"),
                               ("checkpoint", __file__, "is a file")):
     bad = load_config("quantize")

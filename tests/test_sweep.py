@@ -25,6 +25,9 @@ def test_sweep_rejects_bad_names():
   cfg.spacing, cfg.thresholding = "leading", 2.0
   with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
     sweep.validate(cfg)
+  cfg.thresholding, cfg.calib_sizes = 0.0, "0"
+  with pytest.raises(ValueError, match="calibration size must be >= 1"):
+    sweep.validate(cfg)
 
 
 def test_report_spread_is_over_seeds_and_left_out_for_one():

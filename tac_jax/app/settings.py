@@ -244,6 +244,10 @@ class SweepSpec:
   num_fd: int
   fd_data: str
 
+  @property
+  def sampler_names(self) -> Tuple[str, ...]:
+    return tuple(s.name for s in self.samplers)
+
 
 def sweep_spec(cfg: ml_collections.ConfigDict, ablations: Tuple[str, ...]) -> SweepSpec:
   """Checks every sweep field before anything runs or is written."""

@@ -103,7 +103,7 @@ def _setting_runs(s: _Setup, out, seed, noise, refs, calib, setting, grids) -> N
   for option in spec.ptq_options:
     qm, where, main = _quantize(s, calib, setting, option), (seed, setting, option), \
         option == spec.ptq_options[0]
-    for sname in (spec.samplers if main else (spec.ref,)):
+    for sname in (spec.sampler_names if main else (spec.ref,)):
       for method in (spec.common.methods if main else ("none", "tcec")):
         cal = _fit(s, qm, noise, sname, method, where)
         ev = _evaluate(s, qm, noise, refs[sname], sname, cal, where + (sname, method))
@@ -166,7 +166,7 @@ def _ablations(s: _Setup, qm, noise, refs, setting: str, where) -> List[Dict[str
     x_cal = jax.random.normal(jax.random.fold_in(noise.key_cal, 7), (n,) + s.model.shape)
     rows.append((f"calibration samples = {n}",
                  ev(_fit(s, qm, noise, ref, "tcec", where, x_cal=x_cal), ("calib_size", n))))
-  for other in s.spec.samplers:
+  for other in s.spec.sampler_names:
     if other != ref and other.startswith(ref[:4]):
       p = compensation.resample_params(_fit(s, qm, noise, other, "tcec", where).params,
                                        s.compiled[ref].sampler)
@@ -250,7 +250,7 @@ def run(cfg: ml_collections.ConfigDict, outdir: str, verbose: bool = True,
     refs = {n: stages.float_reference(c, s.model, noise.x_eval, noise.key_eval)
             for n, c in s.compiled.items()}
     calib = stages.calibration_batches(s.compiled[spec.ref], s.model, noise)
-    log(f"seed {seed}: float samples for {', '.join(sp.name for sp in spec.samplers)}")
+    log(f"seed {seed}: float samples for {', '.join(spec.sampler_names)}")
     for setting in spec.common.settings:
       _setting_runs(s, out, seed, noise, refs, calib, setting, grids)
   with files.staged_directory(outdir) as tmp:

@@ -1,4 +1,4 @@
-"""Our least-squares family (DESIGN.md s.2): the identity `none`, `per_step`, `tcec`,
+"""Our least-squares family (docs/METHOD.md s.3): the identity `none`, `per_step`, `tcec`,
 `tcec_vp` and `tcec_ehat`, one `FitConfig` each. With e_i = x_c - x_fp the cumulative
 target at scan position i is
 

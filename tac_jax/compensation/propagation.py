@@ -1,4 +1,4 @@
-"""How per-step quantization error propagates through an affine sampler (DESIGN.md s.1).
+"""How per-step quantization error propagates through an affine sampler (docs/METHOD.md s.1).
 
 Scan position i = 0..N-1 runs step k = N - i. With e_i the cumulative error at the
 input of position i (e_0 = 0) and d_i the per-step error of the quantized network at the

@@ -5,7 +5,7 @@ pytree: (float state, compensated state, e_hat, cached eps_q, a method's own arr
 each step a method's per-step fit sees `StepInputs` and returns that step's
 `CorrectionParams`; the compensated trajectory then advances with them applied exactly as
 `compensate` applies them online, so every step is fitted on the error it will really
-inherit (DESIGN.md s.2).
+inherit (docs/METHOD.md s.3).
 """
 
 from __future__ import annotations

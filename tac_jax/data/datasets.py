@@ -3,7 +3,7 @@
 * `digits`: the 1,797 8x8 handwritten digits that scikit-learn ships (UCI optdigits),
   bilinearly upsampled to `size` and, with `colored=True`, painted with a random
   foreground and background color per image so the three channels carry different
-  statistics (the "colored digits" of DESIGN.md). Colors come from an explicit seed.
+  statistics (the "colored digits" of the default model). Colors come from an explicit seed.
 * `shapes`: a procedural RGB data set generated deterministically from a seed: one
   filled disc or square of random color, size and position on a vertical color gradient.
 """

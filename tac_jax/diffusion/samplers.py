@@ -1,6 +1,6 @@
 """Samplers as pairs of pure functions (init, step), run by one `lax.scan`.
 
-Every step is affine in the current sample and the noise prediction (DESIGN.md s.1):
+Every step is affine in the current sample and the noise prediction (docs/METHOD.md s.1):
 
     x_{k-1} = a_k x_k + b_k eps(x_k, t_k) + sigma_k z_k
 

@@ -55,28 +55,25 @@ PRESET_PARAMS = {"group": "group_size", "rank": "low_rank", "alpha": "smooth_alp
                  "split": "split_layers"}
 
 
+# The `config.quant` section's defaults (the one place they are stated): weights per output
+# channel, activations per tensor (asymmetric), one activation range for all timesteps,
+# first/last layers at 8 bit; the group-wise presets' groups of 32 features (SVDQuant uses
+# 64 on layers far wider than ours), a rank-16 float branch (capped at min(K, N) /
+# ptq.LOW_RANK_CAP per layer), SmoothQuant's alpha = 0.5; the layers with split activation
+# ranges in the `qdiff` preset (set your model's); the attention matmuls (q k^T, softmax v)
+# quantized at the activation bits only when asked.
+SECTION_DEFAULTS = dict(w_per_channel=True, a_symmetric=False, time_groups=1, keep_8bit=KEEP_8BIT,
+                        exclude=r"^$", group_size=32, low_rank=16, smooth_alpha=0.5,
+                        split_layers=SPLIT_SHORTCUTS, attention_matmuls=False)
+
+
 def quant_defaults() -> ml_collections.ConfigDict:
-  """The `quant` section of a job config: weights per output channel, activations per
-  tensor (asymmetric), one activation range for all timesteps, first/last layers at 8 bit."""
-  return ml_collections.ConfigDict(dict(
-      w_per_channel=True,
-      a_symmetric=False,
-      time_groups=1,
-      keep_8bit=KEEP_8BIT,
-      exclude=r"^$",
-      # Parameters of the group-wise presets (groupwise, smoothquant, svdquant*): groups of
-      # 32 features (SVDQuant uses 64 on layers far wider than ours), a rank-16 float
-      # branch (capped at min(K, N) / 2 per layer), SmoothQuant's alpha = 0.5.
-      group_size=32,
-      low_rank=16,
-      smooth_alpha=0.5,
-      # Layers with split activation ranges in the `qdiff` preset (set your model's).
-      split_layers=SPLIT_SHORTCUTS,
-      # Also quantize the attention matmuls (q k^T, softmax v) at the activation bits.
-      attention_matmuls=False,
-      # Not settable: present so that --config.quant.w_bits=4 says where bits are chosen.
-      w_bits=ml_collections.config_dict.placeholder(int),
-      a_bits=ml_collections.config_dict.placeholder(int)))
+  """The `quant` section of a job config (`SECTION_DEFAULTS`)."""
+  section = ml_collections.ConfigDict(dict(SECTION_DEFAULTS))
+  # Not settable: present so that --config.quant.w_bits=4 says where bits are chosen.
+  for k in BITS_FIELDS:
+    section[k] = ml_collections.config_dict.placeholder(int)
+  return section
 
 
 def check_preset(name: str) -> str:
@@ -94,14 +91,9 @@ def quant_config(section: Mapping[str, Any], w_bits: int, a_bits: int,
   if given:
     raise ValueError(f"config.quant.{given[0]} is not a field: the bits come from "
                      "--config.settings (W8A8, W4A8, W4A4).")
-  params = {k: section.pop(field, QuantConfig.__dataclass_fields__[field].default)
-            for k, field in PRESET_PARAMS.items()}
-  fields = dict(w_per_channel=section.pop("w_per_channel", True),
-                a_symmetric=section.pop("a_symmetric", False),
-                time_groups=section.pop("time_groups", 1),
-                keep_8bit=section.pop("keep_8bit", KEEP_8BIT),
-                exclude=section.pop("exclude", r"^$"),
-                attention_matmuls=section.pop("attention_matmuls", False))
+  params = {k: section.pop(field, SECTION_DEFAULTS[field]) for k, field in PRESET_PARAMS.items()}
+  fields = {k: section.pop(k, SECTION_DEFAULTS[k]) for k in SECTION_DEFAULTS
+            if k not in PRESET_PARAMS.values()}
   if section:
     raise ValueError(f"unknown config.quant fields {sorted(section)}; known: "
                      f"{sorted(list(fields) + list(PRESET_PARAMS.values()))}.")

@@ -1,0 +1,35 @@
+"""What the README and docs/ publish is what the committed result folders say: the
+leaderboard page and the README's headline table regenerate byte for byte, and every
+published folder's manifest names the revision that produced it."""
+
+import json
+import os
+
+import pytest
+
+from tac_jax.app import leaderboard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("folder", leaderboard.PUBLISHED)
+def test_published_folders_have_a_manifest_with_a_revision(folder):
+  with open(os.path.join(ROOT, folder, "manifest.json")) as f:
+    man = json.load(f)
+  assert man["git_revision"], f"{folder}: no git revision in its manifest"
+  assert set(man["files"]) == set(os.listdir(os.path.join(ROOT, folder))) - {"manifest.json"}
+
+
+def test_leaderboard_and_readme_table_regenerate_from_the_result_folders():
+  cwd = os.getcwd()
+  os.chdir(ROOT)   # the page names the folders as the command does (relative)
+  try:
+    page, table = leaderboard.publish(leaderboard.PUBLISHED, resamples=leaderboard.RESAMPLES)
+  finally:
+    os.chdir(cwd)
+  with open(os.path.join(ROOT, "docs", "leaderboard.md")) as f:
+    assert f.read() == page, f"docs/leaderboard.md is stale: run `{leaderboard.COMMAND}`"
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  assert leaderboard.replace_block(readme, table) == readme, (
+      f"README.md's results table is stale: run `{leaderboard.COMMAND}`")
