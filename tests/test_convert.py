@@ -16,6 +16,7 @@ import pytest
 from flax import traverse_util
 
 from tac_jax.models import checkpoint, convert
+from torch_extra import torch_and_diffusers
 
 # The DDPM CIFAR-10 32x32 UNet2DModel configuration (google/ddpm-cifar10-32).
 CIFAR10_DDPM = {
@@ -149,17 +150,9 @@ def test_clear_errors(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------- torch extra
 
-def _torch_and_diffusers():
-  torch = pytest.importorskip(
-      "torch", reason="the torch extra is not installed (pip install -e '.[test,torch]')")
-  diffusers = pytest.importorskip(
-      "diffusers", reason="the torch extra is not installed (pip install -e '.[test,torch]')")
-  return torch, diffusers
-
-
 @pytest.fixture(scope="module")
 def cifar10_torch(tmp_path_factory):
-  torch, diffusers = _torch_and_diffusers()
+  torch, diffusers = torch_and_diffusers()
   torch.manual_seed(0)
   cfg = {k: v for k, v in CIFAR10_DDPM.items() if k != "_class_name"}
   model = diffusers.UNet2DModel(**cfg).eval()
@@ -199,7 +192,7 @@ def test_cifar10_ddpm_matches_pytorch_state_dict_file(cifar10_torch, tmp_path):
 
 
 def test_our_safetensors_reader_matches_the_reference_package(tmp_path):
-  _torch_and_diffusers()
+  torch_and_diffusers()
   safetensors_numpy = pytest.importorskip("safetensors.numpy")
   arrays = {"w": np.random.RandomState(1).randn(3, 5).astype(np.float32),
             "n": np.arange(7, dtype=np.int64)}

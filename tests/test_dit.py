@@ -16,6 +16,7 @@ import pytest
 from tac_jax.models import convert
 from tac_jax.models import dit, dit_blocks, dit_config
 from tac_jax.models import dit_convert
+from torch_extra import torch_and_diffusers
 
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2,
             attention_head_dim=8)
@@ -63,14 +64,6 @@ def test_init_and_input_errors():
 
 # ----------------------------------------------------------------------------- torch extra
 
-def _torch_and_diffusers():
-  torch = pytest.importorskip(
-      "torch", reason="the torch extra is not installed (pip install -e '.[test,torch]')")
-  diffusers = pytest.importorskip(
-      "diffusers", reason="the torch extra is not installed (pip install -e '.[test,torch]')")
-  return torch, diffusers
-
-
 def _random_model(torch, cls, kwargs, seed):
   torch.manual_seed(seed)
   model = cls(**kwargs).eval()
@@ -82,7 +75,7 @@ def _random_model(torch, cls, kwargs, seed):
 
 @pytest.fixture(scope="module")
 def dit_torch(tmp_path_factory):
-  torch, diffusers = _torch_and_diffusers()
+  torch, diffusers = torch_and_diffusers()
   model = _random_model(torch, diffusers.DiTTransformer2DModel, DIT, 0)
   d = str(tmp_path_factory.mktemp("dit"))
   model.save_pretrained(d, safe_serialization=True)
@@ -122,7 +115,7 @@ def test_dit_matches_diffusers(dit_torch):
 def test_pixart_matches_diffusers(variant, tmp_path):
   """With a caption projection and interpolation_scale 2, saved as .bin under transformer/;
   and without one (captions straight into attn2, 24 wide), saved as safetensors."""
-  torch, diffusers = _torch_and_diffusers()
+  torch, diffusers = torch_and_diffusers()
   if variant == "bin_in_subfolder":
     kwargs, width, where, safe = dict(PIXART, interpolation_scale=2.0), 12, "transformer", False
   else:

@@ -102,8 +102,8 @@ def _method_entry(ctx: _Context, qm, where, cal: compensation.Calibration, mem) 
   noise, (setting, obs) = ctx.noise, where
   m = stages.evaluate(ctx.jit, qm, cal, noise.x_eval, noise.key_eval, ctx.ref, ctx.fd)
   ctx.samples[(setting, obs, cal.method)] = m.pop("x")
-  if ctx.fd is not None:   # kept for paired bootstrap intervals (experiments/leaderboard.py)
-    ctx.features[f"{setting}/{obs}/{cal.method}"] = ctx.fd.features(ctx.samples[(setting, obs, cal.method)])
+  if "features" in m:   # kept for paired bootstrap intervals (experiments/leaderboard.py)
+    ctx.features[f"{setting}/{obs}/{cal.method}"] = m.pop("features")
   method = compensation.get(cal.method)
   entry = {"setting": setting, "ptq": obs, "method": cal.method, "memory_bytes": mem,
            "calibration_s": cal.seconds, "extra_calls_per_step": method.extra_calls,

@@ -8,15 +8,12 @@ the field and what to write instead.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import os
-import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import ml_collections
 
 from tac_jax import compensation, files
-from tac_jax.app.stages import resolve_factory
+from tac_jax.app.stages import import_user_module, resolve_factory
 from tac_jax.diffusion import samplers
 from tac_jax.diffusion.schedules import Schedule
 from tac_jax.models import checkpoint as ckpt_lib
@@ -60,14 +57,8 @@ def load_plugins(value) -> Tuple[str, ...]:
   directory or sys.path), e.g. one that registers a compensation method with
   `compensation.register`, so the job can name it in `methods`."""
   names = tuple(v.strip() for v in str(value or "").split(",") if v.strip())
-  if names and os.getcwd() not in sys.path:   # launchers run with experiments/ as sys.path[0]
-    sys.path.append(os.getcwd())
   for name in names:
-    try:
-      importlib.import_module(name)
-    except ImportError as e:
-      raise ValueError(f"config.plugins: cannot import {name!r} ({e}); run from the folder "
-                       "that holds it or add it to PYTHONPATH.") from None
+    import_user_module(name, "config.plugins")
   return names
 
 

@@ -35,6 +35,7 @@ from tac_jax.host import to_host
 from tac_jax.metrics import frechet
 from tac_jax.models import checkpoint as ckpt_lib
 
+
 class Progress:
   """Progress lines with the seconds since the job started."""
 
@@ -102,19 +103,25 @@ def load_model(checkpoint: str = "", factory: str = "") -> Model:
                (c.sample_size, c.sample_size, c.in_channels))
 
 
+def import_user_module(name: str, what: str):
+  """A module a config names, importable from the working directory or sys.path; `what`
+  says which config field named it, in the error."""
+  if os.getcwd() not in sys.path:   # launchers run with experiments/ as sys.path[0]
+    sys.path.append(os.getcwd())
+  try:
+    return importlib.import_module(name)
+  except ImportError as e:
+    raise ValueError(f"{what}: cannot import {name} ({e}); run from the folder that holds it "
+                     "or add it to PYTHONPATH.") from None
+
+
 def resolve_factory(spec: str) -> Callable[[], Any]:
   """The function named by "package.module:function" (importable from the working
   directory or sys.path), with errors that say what is wrong."""
   mod_name, sep, fn_name = spec.partition(":")
   if not sep or not mod_name or not fn_name:
     raise ValueError(f"model factory {spec!r}: write it as package.module:function.")
-  if os.getcwd() not in sys.path:   # launchers run with experiments/ as sys.path[0]
-    sys.path.append(os.getcwd())
-  try:
-    mod = importlib.import_module(mod_name)
-  except ImportError as e:
-    raise ValueError(f"model factory {spec!r}: cannot import {mod_name} ({e}); run from the "
-                     "folder that holds it or add it to PYTHONPATH.") from None
+  mod = import_user_module(mod_name, f"model factory {spec!r}")
   fn = getattr(mod, fn_name, None)
   if not callable(fn):
     raise ValueError(f"model factory {spec!r}: {mod_name} has no function {fn_name}.")
@@ -281,7 +288,8 @@ def evaluate(jit: Compiled, qm: quant.QuantizedModel, cal: compensation.Calibrat
              ref: FloatReference, fd: Optional["FrechetReference"] = None) -> Dict[str, Any]:
   """Samples with `cal` (fake-quant) and compares with the float samples on the same
   noise: PSNR / SSIM ({mean, std} over samples), contrast and sharpness ratios, per-step
-  error RMS, Frechet distances when `fd` is given, and the samples themselves ("x", host)."""
+  error RMS, Frechet distances when `fd` is given (with the samples' "features"), and the
+  samples themselves ("x", on the host)."""
   x_q, traj, _ = jit.sample(qm.apply_fn("fake"), qm.variables, cal, x_T, key)
   p, s, q = _sample_metrics(x_q, ref.x)
   out = {"psnr": stats(p), "ssim": stats(s), "psnr_samples": to_host(p).astype(float).tolist(),
@@ -317,10 +325,11 @@ class FrechetReference:
   def features(self, x) -> np.ndarray:
     return self.extractor(np.clip(to_host(x), -1, 1))
 
-  def distances(self, x) -> Dict[str, float]:
+  def distances(self, x) -> Dict[str, Any]:
+    """FD vs float and vs data, and the features they came from ("features")."""
     f = self.features(x)
     return {"fd_vs_float": frechet.frechet_distance(f, self.float_features),
-            "fd_vs_data": frechet.frechet_distance(f, self.data_features)}
+            "fd_vs_data": frechet.frechet_distance(f, self.data_features), "features": f}
 
 
 # ----------------------------------------------------------------------------- overhead

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
 
-from tac_jax.diffusion.samplers import Sampler
+from tac_jax.diffusion.samplers import Sampler, ddim_direction
 
 
 class DDIMTerms(NamedTuple):
@@ -29,15 +28,10 @@ def ddim_terms(sampler: Sampler, who: str) -> DDIMTerms:
   ab_t = abar[t]
   ab_prev = np.concatenate([abar[t[1:]], [1.0]])
   sig2 = np.asarray(c.sigma, np.float64) ** 2
-  b = np.sqrt(np.maximum(1 - ab_prev - sig2, 0.0)) - np.sqrt(ab_prev * (1 - ab_t) / ab_t)
+  b = ddim_direction(ab_t, ab_prev, sig2)
   if not (np.allclose(np.sqrt(ab_prev / ab_t), np.asarray(c.a), rtol=1e-4)
           and np.allclose(b, np.asarray(c.b), rtol=1e-3, atol=1e-5)):
     raise ValueError(f"{who} needs a DDIM or DDPM sampler built from its schedule (it "
                      "re-derives the DDIM coefficients); this sampler's a, b differ.")
   return DDIMTerms(abar, ab_t, ab_prev, sig2)
 
-
-def direction(ab_t, ab_prev, sig2):
-  """b (traced): the DDIM coefficient of eps, sqrt(1 - abar_prev - sigma^2) - sqrt(abar_prev (1 -
-  abar_t) / abar_t)."""
-  return jnp.sqrt(jnp.maximum(1 - ab_prev - sig2, 0.0)) - jnp.sqrt(ab_prev * (1 - ab_t) / ab_t)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from tac_jax.compensation.ddim import ddim_terms, direction
+from tac_jax.compensation.ddim import ddim_terms
 from tac_jax.compensation.lstsq import affine_stats, channel_moments, solve_affine
 from tac_jax.compensation.params import step_params
 from tac_jax.compensation.registry import Method, register
 from tac_jax.compensation.scan import FitContext, StepInputs
+from tac_jax.diffusion.samplers import ddim_direction
 
 
 def per_sample_std(x):
@@ -45,7 +46,7 @@ def ptqd_fit(ctx: FitContext):
     if stochastic:
       sigma = c.sigma[s.i]
       reduced = jnp.sqrt(jnp.maximum(sigma ** 2 - c.b[s.i] ** 2 * noise_var, 0.0))
-      b_new = direction(ab_t[s.i], ab_prev[s.i], reduced ** 2)
+      b_new = ddim_direction(ab_t[s.i], ab_prev[s.i], reduced ** 2, jnp)
       extra = dict(noise_gain=jnp.where(sigma > 0, reduced / jnp.where(sigma > 0, sigma, 1.0), 1.0),
                    out_gain=b_new / c.b[s.i])
     eps_q = ctx.q(s.x_c, s.t)

@@ -19,7 +19,8 @@ from tac_jax.compensation.scan import FitContext, FitStep, Net
 from tac_jax.diffusion.samplers import Sampler
 
 
-def _plain_online(sampler: Sampler, params, q: Net) -> Sampler:
+def plain_online(sampler: Sampler, params, q: Net) -> Sampler:
+  """The default `Method.online`: `compensate(sampler, params)` (q unused)."""
   del q
   return compensate(sampler, params)
 
@@ -52,7 +53,7 @@ class Method:
   options: Any = None
   sequential: Optional[bool] = True
   init_aux: Optional[Callable[[Any], Any]] = None
-  online: Callable[[Sampler, Any, Net], Sampler] = _plain_online
+  online: Callable[[Sampler, Any, Net], Sampler] = plain_online
   needs_schedule: bool = False
   extra_calls: float = 0.0
   calibration_calls: int = 2

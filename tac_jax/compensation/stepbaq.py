@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from tac_jax.compensation.ddim import ddim_terms, direction
+from tac_jax.compensation.ddim import ddim_terms
 from tac_jax.compensation.lstsq import channel_moments
 from tac_jax.compensation.params import step_params
 from tac_jax.compensation.registry import Method, register
 from tac_jax.compensation.scan import FitContext, StepInputs
+from tac_jax.diffusion.samplers import ddim_direction
 
 
 def stepbaq_fit(ctx: FitContext):
@@ -46,7 +47,7 @@ def stepbaq_fit(ctx: FitContext):
     x_shift = jnp.broadcast_to(jnp.where(back, mu, 0.0), s.x_c.shape[1:])
     ab_tau = abar[tau]
     in_scale = jnp.sqrt(ab_tau / ab_t[i])
-    b_tau = direction(ab_tau, ab_prev[i], sig2[i])
+    b_tau = ddim_direction(ab_tau, ab_prev[i], sig2[i], jnp)
     x_in, t_in = in_scale * (s.x_c - x_shift), jnp.full_like(s.t, tau)
     q = ctx.q(x_in, t_in)
     # The synchronised float latent: from the adjusted latent after a step back, else its

@@ -108,6 +108,12 @@ def _coeffs(ts, a, b, sigma) -> StepCoeffs:
   return StepCoeffs(t=jnp.asarray(ts, jnp.int32), a=f32(a), b=f32(b), sigma=f32(sigma))
 
 
+def ddim_direction(ab_t, ab_prev, sig2, xp=np):
+  """b: the DDIM coefficient of eps, sqrt(1 - abar_prev - sigma^2) - sqrt(abar_prev (1 -
+  abar_t) / abar_t), in numpy (`xp=np`) or traced (`xp=jax.numpy`)."""
+  return xp.sqrt(xp.maximum(1 - ab_prev - sig2, 0.0)) - xp.sqrt(ab_prev * (1 - ab_t) / ab_t)
+
+
 def ddim_coeffs(schedule: Schedule, num_steps: int, eta: float = 0.0,
                 spacing: str = "uniform", steps_offset: int = 0) -> StepCoeffs:
   """DDIM (Song et al.) with stochasticity eta in [0, 1]:
@@ -121,7 +127,7 @@ def ddim_coeffs(schedule: Schedule, num_steps: int, eta: float = 0.0,
   ts, ab, ab_prev = _abar_pairs(schedule, num_steps, spacing, steps_offset)
   sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab)) * np.sqrt(1 - ab / ab_prev)
   a = np.sqrt(ab_prev / ab)
-  b = np.sqrt(np.maximum(1 - ab_prev - sigma ** 2, 0.0)) - np.sqrt(ab_prev * (1 - ab) / ab)
+  b = ddim_direction(ab, ab_prev, sigma ** 2)
   return _coeffs(ts, a, b, sigma)
 
 

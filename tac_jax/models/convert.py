@@ -254,17 +254,20 @@ def _split_index(name: str) -> str:
 
 # ----------------------------------------------------------------------------- directories
 
-def _find(directory: str) -> Tuple[str, str]:
-  for d in (directory, os.path.join(directory, "unet")):
+def find_model(directory: str, subfolder: str = "unet",
+               names: Tuple[str, ...] = WEIGHTS_NAMES) -> Tuple[str, str]:
+  """(config.json, weights file) of a diffusers model in `directory` or its `subfolder`
+  (a pipeline folder's "unet", "transformer", ...); the first of `names` found."""
+  for d in (directory, os.path.join(directory, subfolder)):
     cfg = os.path.join(d, CONFIG_NAME)
     if os.path.isfile(cfg):
-      for name in WEIGHTS_NAMES:
+      for name in names:
         if os.path.isfile(os.path.join(d, name)):
           return cfg, os.path.join(d, name)
       raise FileNotFoundError(f"{d} has {CONFIG_NAME} but no weights file (one of "
-                              f"{', '.join(WEIGHTS_NAMES)}).")
+                              f"{', '.join(names)}).")
   raise FileNotFoundError(f"no diffusers model at {directory}: expected {CONFIG_NAME} and "
-                          f"{WEIGHTS_NAMES[0]} (or .bin) there or in {directory}/unet.")
+                          f"{names[0]} (or .bin) there or in {directory}/{subfolder}.")
 
 
 def schedule_from_diffusers(directory: str) -> Optional[Dict[str, Any]]:
@@ -303,7 +306,7 @@ def import_diffusers(directory: str, weights: Optional[str] = None,
   `directory` holds config.json and the weights (or pass `weights` and `config` explicitly).
   """
   if weights is None or config is None:
-    cfg_path, w_path = _find(directory)
+    cfg_path, w_path = find_model(directory)
     weights = weights or w_path
     if config is None:
       config = read_config(cfg_path)

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping
 
 import jax
 import numpy as np
 
 from tac_jax.models import torch_weights
-from tac_jax.models.convert import CONFIG_NAME, WEIGHTS_NAMES, load_state_dict, read_config
+from tac_jax.models.convert import WEIGHTS_NAMES, find_model, load_state_dict, read_config
 from tac_jax.models.dit import DiT, dummy_inputs
 from tac_jax.models.dit_blocks import sincos_pos_embed
 from tac_jax.models.dit_config import DiTConfig
@@ -170,21 +170,6 @@ def convert_dit_state_dict(state_dict: Mapping[str, Any], config: DiTConfig,
       what=f"the {config.norm_type} DiT config (is config.json the one saved with these weights?)")
 
 
-def _find(directory: str) -> Tuple[str, str]:
-  """(config.json, weights file or shard index) of a model in `directory` or its
-  `transformer/` subfolder."""
-  for d in (directory, os.path.join(directory, SUBFOLDER)):
-    cfg = os.path.join(d, CONFIG_NAME)
-    if os.path.isfile(cfg):
-      for name in WEIGHTS_NAMES[:2] + (SHARD_INDEX,):
-        if os.path.isfile(os.path.join(d, name)):
-          return cfg, os.path.join(d, name)
-      raise FileNotFoundError(f"{d} has {CONFIG_NAME} but no weights file (one of "
-                              f"{', '.join(WEIGHTS_NAMES[:2] + (SHARD_INDEX,))}).")
-  raise FileNotFoundError(f"no diffusers model at {directory}: expected {CONFIG_NAME} and "
-                          f"{WEIGHTS_NAMES[0]} (or .bin) there or in {directory}/{SUBFOLDER}.")
-
-
 def _load_weights(path: str) -> Dict[str, np.ndarray]:
   """A state dict from one weights file or a sharded-safetensors index."""
   if not path.endswith(".index.json"):
@@ -199,7 +184,7 @@ def _load_weights(path: str) -> Dict[str, np.ndarray]:
 
 def import_dit_diffusers(directory: str):
   """Loads a diffusers DiT / PixArt transformer directory. Returns (module, params, config)."""
-  cfg_path, weights = _find(directory)
+  cfg_path, weights = find_model(directory, SUBFOLDER, WEIGHTS_NAMES[:2] + (SHARD_INDEX,))
   config = dit_config_from_diffusers(read_config(cfg_path))
   params = convert_dit_state_dict(_load_weights(weights), config)
   return DiT(config), params, config
