@@ -245,6 +245,28 @@ def test_layers_left_in_float_are_listed_with_the_reason():
   assert "group-wise presets leave it in float" in group.float_layers["up"]
 
 
+class _TransposedKernel(nn.Module):
+  @nn.compact
+  def __call__(self, x, t=None):
+    h = nn.Conv(4, (3, 3), name="conv")(x)
+    return nn.ConvTranspose(3, (3, 3), transpose_kernel=True, name="up_t")(h)
+
+
+def test_conv_transpose_without_an_integer_path_is_listed_in_float_at_quantization():
+  """A ConvTranspose with transpose_kernel=True is left in float when the model is
+  quantized (and says so), not refused at its first quantized call."""
+  model = _TransposedKernel()
+  x = jax.random.normal(_key(7), (2, 5, 5, 3))
+  params = model.init(_key(8), x)["params"]
+  qm = quant.quantize_model(model, params, [(x, None)], quant.QuantConfig())
+  assert set(qm.specs) == {"conv"}
+  assert "transpose_kernel=True" in qm.float_layers["up_t"]
+  y_float = model.apply({"params": params}, x)
+  for mode in ("fake", "int"):
+    y = qm(x, mode=mode)
+    assert y.shape == y_float.shape and bool(jnp.all(jnp.isfinite(y)))
+
+
 def test_conv_transpose_int_path_equals_fake_quant():
   """ConvTranspose (SAME, VALID, explicit padding, kernel dilation, asymmetric int8 and
   4-bit weights): the s8 x s8 -> s32 path equals fake-quant, which tracks float."""

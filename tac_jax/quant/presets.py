@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from tac_jax.quant.inject import QuantConfig
+from tac_jax.quant.spec import QuantConfig
 
 # First / last / time-embedding layers stay at W8A8 (as in Q-Diffusion and PTQD).
 KEEP_8BIT = r"^(conv_in|conv_out|time_embedding/.*)$"

@@ -29,10 +29,9 @@ from tac_jax.quant import core
 from tac_jax.quant import groupwise
 from tac_jax.quant import int_ops
 from tac_jax.quant import observers
-from tac_jax.quant.inject import (FLOAT_REASONS, MODES, QUANT_COLLECTION, STATS_COLLECTION,
-                                  LayerSpec, QuantConfig, error_interceptor, list_layers,
-                                  observing_interceptor, quantizing_interceptor, select_layers,
-                                  time_group, unsupported)
+from tac_jax.quant.inject import error_interceptor, observing_interceptor, quantizing_interceptor
+from tac_jax.quant.spec import (FLOAT_REASONS, MODES, QUANT_COLLECTION, STATS_COLLECTION, LayerSpec,
+                                QuantConfig, list_layers, select_layers, time_group, unsupported)
 
 Params = Dict[str, Any]
 LOW_RANK_CAP = 8
