@@ -11,11 +11,10 @@ import pytest
 
 from tac_jax import compensation, quant
 from tac_jax.compensation import FitConfig, Net, params as params_lib
-from tac_jax.compensation.ddim import ddim_terms
 from tac_jax.compensation.lstsq import solve_with_regressor
 from tac_jax.diffusion import samplers, schedules
 
-from toys import AFFINE_Q, C, LINEAR, VARS, affine_error_eps, linear_eps, noise
+from toys import AFFINE_Q, C, LINEAR, VARS, affine_error_eps, gaussian_eps, linear_eps, noise
 
 SCHED = schedules.make_schedule("linear", 1000)
 
@@ -246,19 +245,6 @@ def test_net_is_a_pytree_of_its_variables():
 # ----------------------------------------------------------------------------- PTQD, e_hat
 
 NOISE_KEY = jax.random.key(123)
-SIGMA0 = 0.5  # data x0 ~ N(0, SIGMA0^2): the optimal eps predictor is linear and known
-
-
-def _abar(t):
-  return jnp.asarray(SCHED.alphas_cumprod, jnp.float32)[t].reshape((-1, 1, 1, 1))
-
-
-def gaussian_eps(v, x, t):
-  """E[noise | x_t] for Gaussian data: sqrt(1 - abar) x / (abar s0^2 + 1 - abar)."""
-  ab = _abar(t)
-  return jnp.sqrt(1 - ab) * x / (ab * SIGMA0 ** 2 + 1 - ab)
-
-
 def noisy_eps(scale):
   """A 'quantized' network whose error is fresh Gaussian noise at every call (independent
   across steps, pixels and samples), plus an output gain for PTQD's correlated part."""
@@ -275,47 +261,6 @@ def _run(apply_fn, v, sampler, x, key, params=None):
 
 def _x(seed, n):
   return jax.random.normal(jax.random.key(seed), (n, 4, 4, 3))
-
-
-def test_ptqd_removes_gain_and_absorbs_noise_variance():
-  sampler = samplers.ddpm(SCHED, 20)
-  v = {"gain": 1.15}
-  fq = noisy_eps(0.3)
-  x_cal, x_new, key = _x(0, 256), _x(1, 512), jax.random.key(2)
-  p = _calibrate(Net(gaussian_eps, v), Net(fq, v), sampler, x_cal, key, "ptqd")
-  assert p.noise_var is not None and bool(jnp.all(p.noise_var > 0))
-  # At eta > 0 the absorbed variance lowers the step noise to sigma' = sqrt(sigma^2 - b^2
-  # noise_var) (`noise_gain` = sigma' / sigma), and, as PTQD's official sampler does, the
-  # direction coefficient is recomputed with sigma' (`out_gain` = b' / b).
-  c, terms = sampler.coeffs, ddim_terms(sampler, "test")
-  sigma, b = np.asarray(c.sigma, np.float64), np.asarray(c.b, np.float64)
-  reduced = np.sqrt(np.maximum(sigma ** 2 - b ** 2 * np.asarray(p.noise_var), 0.0))
-  np.testing.assert_allclose(np.asarray(p.noise_gain) * sigma, reduced, rtol=1e-5, atol=1e-6)
-  assert float(jnp.min(p.noise_gain[:-1])) < 0.99       # (the last step adds no noise)
-  b_new = samplers.ddim_direction(terms.ab_t, terms.ab_prev, reduced ** 2)
-  np.testing.assert_allclose(p.out_gain, b_new / b, rtol=1e-3, atol=1e-4)
-  x_fp = _run(gaussian_eps, v, sampler, x_new, key)
-  x_none = _run(fq, v, sampler, x_new, key)
-  x_absorbed = _run(fq, v, sampler, x_new, key, p.replace(out_gain=None))
-  x_gain_only = _run(fq, v, sampler, x_new, key,
-                     p.replace(noise_var=None, noise_gain=None, out_gain=None))
-  var = lambda x: float(jnp.var(x))
-  # The gain (correlated part) is removed: closer to float sample by sample.
-  rms = lambda x: float(jnp.sqrt(jnp.mean((x - x_fp) ** 2)))
-  assert rms(x_gain_only) < 0.8 * rms(x_none)
-  # The uncorrelated part inflates the sample variance; taking it out of the step noise
-  # restores it.
-  assert var(x_gain_only) > var(x_fp) * 1.05
-  assert abs(var(x_absorbed) - var(x_fp)) < 0.3 * abs(var(x_gain_only) - var(x_fp))
-  # The full method applies both gains.
-  x_ptqd = _run(fq, v, sampler, x_new, key, p)
-  assert float(jnp.max(jnp.abs(x_ptqd - x_absorbed))) > 1e-3
-  # On a deterministic sampler the variance term has nothing to act on.
-  ddim = samplers.ddim(SCHED, 20)
-  pd = _calibrate(Net(gaussian_eps, v), Net(fq, v), ddim, x_cal, key, "ptqd")
-  assert pd.noise_gain is None and pd.out_gain is None
-  np.testing.assert_array_equal(_run(fq, v, ddim, x_new, key, pd),
-                                _run(fq, v, ddim, x_new, key, pd.replace(noise_var=None)))
 
 
 def test_e_hat_regression_recovers_exact_coefficients():

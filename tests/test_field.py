@@ -9,23 +9,12 @@ import pytest
 
 from tac_jax import compensation as comp
 from tac_jax.compensation.params import at_step
-from tac_jax.diffusion import samplers, schedules
+from tac_jax.diffusion import samplers
+from toys import SCHED, gaussian_eps
 
-SCHED = schedules.make_schedule("linear", 1000)
 NOISE_KEY = jax.random.key(321)
 GAIN = jnp.array([1.25, 0.8, 1.1])          # per-channel output gain of the 'quantized' net
 OFFSET = jnp.array([0.15, -0.1, 0.05])
-SIGMA0 = 0.5
-
-
-def _abar(t):
-  return jnp.asarray(SCHED.alphas_cumprod, jnp.float32)[t].reshape((-1, 1, 1, 1))
-
-
-def gaussian_eps(v, x, t):
-  """The exact noise predictor for data x0 ~ N(0, SIGMA0^2)."""
-  ab = _abar(t)
-  return jnp.sqrt(1 - ab) * x / (ab * SIGMA0 ** 2 + 1 - ab)
 
 
 def gain_eps(v, x, t):
@@ -220,6 +209,36 @@ def test_ptqd_at_eta_above_zero_recomputes_the_direction_with_the_reduced_sigma(
   np.testing.assert_allclose(np.asarray(p.out_gain), b_new / b, rtol=1e-4)
   # less noise, and a direction term closer to sqrt(1 - abar_prev): |b'| < |b|
   assert np.all(np.asarray(p.noise_gain)[:-1] < 1.0) and np.all(np.asarray(p.out_gain)[:-1] < 1.0)
+
+
+def test_ptqd_removes_the_gain_and_absorbing_the_variance_restores_it():
+  """DDPM: the correlated gain is removed sample by sample, and taking the residual
+  variance out of the step noise brings the final sample variance back to float's."""
+  sampler = samplers.ddpm(SCHED, 20)
+  fq = lambda v, x, t: 1.15 * gaussian_eps(v, x, t) + 0.3 * jax.random.normal(
+      jax.random.fold_in(NOISE_KEY, t[0]), x.shape)
+  p = _fit("ptqd", fq, sampler, n=256)
+  assert p.noise_var is not None and bool(jnp.all(p.noise_var > 0))
+  assert float(jnp.min(p.noise_gain[:-1])) < 0.99       # (the last step adds no noise)
+  x_new, key = _x(1, 512), jax.random.key(2)
+  x_fp, x_none = _run(gaussian_eps, sampler, x_new, key), _run(fq, sampler, x_new, key)
+  x_absorbed = _run(fq, sampler, x_new, key, p.replace(out_gain=None), "ptqd")
+  x_gain_only = _run(fq, sampler, x_new, key,
+                     p.replace(noise_var=None, noise_gain=None, out_gain=None), "ptqd")
+  var = lambda x: float(jnp.var(x))
+  assert _rms(x_gain_only, x_fp) < 0.8 * _rms(x_none, x_fp)
+  # The uncorrelated part inflates the sample variance; taking it out of the step noise
+  # restores it.
+  assert var(x_gain_only) > var(x_fp) * 1.05
+  assert abs(var(x_absorbed) - var(x_fp)) < 0.3 * abs(var(x_gain_only) - var(x_fp))
+  # The full method applies both gains.
+  assert float(jnp.max(jnp.abs(_run(fq, sampler, x_new, key, p, "ptqd") - x_absorbed))) > 1e-3
+  # On a deterministic sampler the variance term has nothing to act on.
+  ddim = samplers.ddim(SCHED, 20)
+  pd = _fit("ptqd", fq, ddim, n=256)
+  assert pd.noise_gain is None and pd.out_gain is None
+  np.testing.assert_array_equal(_run(fq, ddim, x_new, key, pd, "ptqd"),
+                                _run(fq, ddim, x_new, key, pd.replace(noise_var=None), "ptqd"))
 
 
 # ----------------------------------------------------------------------------- paper_m1

@@ -11,18 +11,11 @@ import pytest
 from tac_jax import compensation as comp
 from tac_jax import metrics
 from tac_jax.compensation.safe import Candidate, choose_strength, admissible, _per_segment
-from tac_jax.diffusion import samplers, schedules
+from tac_jax.diffusion import samplers
 from tac_jax.metrics import frechet
+from toys import SCHED, gaussian_eps
 
-SCHED = schedules.make_schedule("linear", 1000)
 GAIN = jnp.array([1.25, 0.8, 1.1])
-SIGMA0 = 0.5
-
-
-def gaussian_eps(v, x, t):
-  """The exact noise predictor for data x0 ~ N(0, SIGMA0^2)."""
-  ab = jnp.asarray(SCHED.alphas_cumprod, jnp.float32)[t].reshape((-1, 1, 1, 1))
-  return jnp.sqrt(1 - ab) * x / (ab * SIGMA0 ** 2 + 1 - ab)
 
 
 def affine_eps(v, x, t):
