@@ -3,7 +3,7 @@
 gray digits instead of colored ones). Trains on a CPU in under 30 minutes.
 
   python experiments/train.py --config=configs/gray28_model.py --workdir=runs/gray28_model \
-      --export_dir=tac_jax/assets/gray28_model
+      --export_dir=tac_jax/assets/gray28_model --figure=docs/gray28_model_samples.png --overwrite
 """
 
 import ml_collections

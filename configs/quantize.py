@@ -1,4 +1,6 @@
-"""The main job: W8A8 / W4A8 / W4A4 PTQ of the embedded default model + every compensation method."""
+"""The main job: W8A8 / W4A8 / W4A4 PTQ of the embedded default model, plain PTQ against
+the default compensation (tcec_safe), tcec and the field's strongest references (PTQD,
+TAC-Diffusion, StepbaQ). Every method, as published in docs/results: configs/full.py."""
 
 import ml_collections
 
@@ -24,7 +26,7 @@ def get_config():
   c.num_eval = 128                  # held-out evaluation seeds (also the FD sample sets)
   c.settings = "W8A8,W4A8,W4A4"
   c.ptq = "minmax"                  # base-PTQ presets: minmax, mse, svdquant, ... (quant/presets.py)
-  c.methods = "none,ptqd,tac,stepbaq,paper_m1,qncd,per_step,tcec,tcec_safe"  # compensation.names()
+  c.methods = "none,ptqd,tac,stepbaq,tcec,tcec_safe"   # compensation.names(); all: configs/full.py
   c.default_method = "tcec_safe"    # shown in grids and timed
   c.frechet = True                  # FD vs float and vs data (shipped classifier features)
   c.fd_data_seed = 1000             # colors of the real-data reference set
@@ -35,7 +37,7 @@ def get_config():
   c.safe = ml_collections.ConfigDict(dict(bases="tcec,tac", val_fraction=0.5, fd_guard=True, fd_tol=0.0,
                                           fd_confidence=0.9, fd_resamples=200, segments=1))
   c.int_path = True                 # also evaluate the int8 x int8 -> int32 path
-  c.timing_repeats = 4              # overhead timing (first observer); 0 disables it
+  c.timing_repeats = 2              # overhead timing (first observer); 0 disables it
   c.data_parallel = True            # split the seeds over all devices when there are several
   c.quant = presets.quant_defaults()   # tac_jax/quant/presets.py: shared with the sweep
   return c

@@ -14,9 +14,9 @@ import json
 import os
 from typing import Any, Dict, List
 
-from absl import app, flags
+from absl import flags
 
-from tac_jax.app import report
+from tac_jax.app import launch, report
 
 _DIRS = flags.DEFINE_list("dirs", None, "result folders (default: docs/results*)")
 _METHOD = flags.DEFINE_string("method", "tcec_safe", "the method checked against the bar")
@@ -98,8 +98,7 @@ def versus(rows: List[Dict], method: str) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
+def main():
   dirs = _DIRS.value or sorted(d for d in glob.glob("docs/results*") if os.path.isdir(d))
   rows = []
   for d in dirs:
@@ -123,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.main(main)

@@ -5,15 +5,18 @@
 
 `--source` is a diffusers model directory (config.json + diffusion_pytorch_model.safetensors
 or .bin, possibly under unet/); a scheduler_config.json beside it sets the noise schedule.
-Nothing is downloaded: fetch the model with your own tools first.
+Nothing is downloaded: fetch the model with your own tools first. An existing --outdir is
+replaced only if it is a tac_jax model folder (it holds model.json) and --overwrite is given.
 """
 
 import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
+from tac_jax import files
+from tac_jax.app import launch
 from tac_jax.models import checkpoint
 from tac_jax.models import convert
 
@@ -22,11 +25,11 @@ _WEIGHTS = flags.DEFINE_string("weights", None, "Weights file, if not in --sourc
 _OUTDIR = flags.DEFINE_string("outdir", None, "tac_jax model directory to write.", required=True)
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
+def main():
   t0 = time.time()
-  out = convert.export_checkpoint(_SOURCE.value, _OUTDIR.value, _WEIGHTS.value)
+  outdir = files.check_output_dir(_OUTDIR.value, launch.OVERWRITE.value, marker=files.META_JSON,
+                                  what="a tac_jax model")
+  out = convert.export_checkpoint(_SOURCE.value, outdir, _WEIGHTS.value)
   module, params, meta = checkpoint.load_model(out)  # read back: the written files are complete
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   print(f"imported {n:,} parameters ({meta['model']['block_out_channels']} channels, "
@@ -35,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.main(main)

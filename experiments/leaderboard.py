@@ -9,10 +9,10 @@ README's headline table (between its `results:begin` / `results:end` markers).
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from tac_jax import files
-from tac_jax.app import leaderboard
+from tac_jax.app import launch, leaderboard
 
 _DIRS = flags.DEFINE_list("dirs", list(leaderboard.PUBLISHED), "main-job result folders")
 _OUT = flags.DEFINE_string("out", "", "write the page here (default: print it)")
@@ -23,8 +23,7 @@ _RESAMPLES = flags.DEFINE_integer("resamples", leaderboard.RESAMPLES,
 _CONFIDENCE = flags.DEFINE_float("confidence", 0.9, "interval coverage")
 
 
-def main(argv):
-  del argv
+def main():
   command = " ".join(["python experiments/leaderboard.py"] + sys.argv[1:])
   page, table = leaderboard.publish(_DIRS.value, _METHOD.value, _RESAMPLES.value,
                                     _CONFIDENCE.value, command)
@@ -39,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.main(main)

@@ -8,9 +8,9 @@ the main job's seeds (same noise), and the weight memory each preset stores.
 
 import time
 
-from absl import app, flags
+from absl import flags
 
-from tac_jax.app import report, stages
+from tac_jax.app import launch, report, stages
 from tac_jax.app.settings import SETTINGS
 from tac_jax.diffusion import samplers
 from tac_jax.quant import presets
@@ -27,8 +27,7 @@ _ATTENTION = flags.DEFINE_bool("attention_matmuls", False,
                                "Also quantize the attention matmuls (q k^T, softmax v).")
 
 
-def main(argv):
-  del argv
+def main():
   args = flags.FLAGS
   model = stages.load_model(args.checkpoint)
   jit = stages.Compiled(model, samplers.make_sampler("ddim", model.schedule, args.steps, 0.0,
@@ -60,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.main(main)

@@ -7,15 +7,14 @@
   python experiments/quantize.py --distributed ...     # multi-host (see README, "Scale out")
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from tac_jax.app import launch, pipeline
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quantize.py", "Main job config.")
+_CONFIG = launch.define_config("config", "configs/quantize.py", "Main job config.")
 _OUTDIR = flags.DEFINE_string("outdir", "runs/main", "Results, grids and plots go here.")
 
 
 if __name__ == "__main__":
-  app.run(launch.job(lambda: pipeline.run(_CONFIG.value, _OUTDIR.value,
-                                          overwrite=launch.OVERWRITE.value)))
+  launch.main(lambda: pipeline.run(_CONFIG.value, _OUTDIR.value,
+                                   overwrite=launch.OVERWRITE.value))

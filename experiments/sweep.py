@@ -7,16 +7,15 @@ Frechet distance, error analysis; writes report.md, sweep.json, plots and grids.
 
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from tac_jax.app import launch, sweep
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep.py", "Sweep config.")
+_CONFIG = launch.define_config("config", "configs/sweep.py", "Sweep config.")
 _OUTDIR = flags.DEFINE_string("outdir", "runs/sweep", "Report, JSON and figures go here.")
 
 
 if __name__ == "__main__":
-  app.run(launch.job(lambda: sweep.run(
+  launch.main(lambda: sweep.run(
       _CONFIG.value, _OUTDIR.value, overwrite=launch.OVERWRITE.value,
-      command=" ".join(["python experiments/sweep.py"] + sys.argv[1:]))))
+      command=" ".join(["python experiments/sweep.py"] + sys.argv[1:])))

@@ -1,7 +1,13 @@
 """Train a diffusion UNet.
 
   python experiments/train.py --config=configs/default_model.py --workdir=runs/default \
-      [--export_dir=tac_jax/assets/default_model] [--config.num_train_steps=500]
+      [--export_dir=runs/default_export] [--figure=docs/default_model_samples.png] \
+      [--config.num_train_steps=500]
+
+Checkpoints and a sample grid go to --workdir (a run there resumes). --export_dir, if given,
+receives the EMA params as a model folder: it must be new, or an earlier export (it holds
+model.json) replaced with --overwrite; it is checked before training starts. Nothing is
+written anywhere else (--figure names an extra copy of the grid).
 """
 
 import os
@@ -9,42 +15,49 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
+from tac_jax import files
 from tac_jax.app import launch
 from tac_jax.app import train as train_lib
-from tac_jax import viz
+from tac_jax.app import viz
 from tac_jax.diffusion import samplers
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default_model.py", "Training config.")
+_CONFIG = launch.define_config("config", "configs/default_model.py", "Training config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default_model", "Checkpoints and samples go here.")
 _EXPORT = flags.DEFINE_string("export_dir", None, "Also export the EMA params as a model dir.")
+_FIGURE = flags.DEFINE_string("figure", None, "Also write the sample grid (PNG) to this path.")
 
 
-def main():
-  config = _CONFIG.value
-  t0 = time.time()
-  out = train_lib.train(config, _WORKDIR.value, export_dir=_EXPORT.value)
-  minutes = (time.time() - t0) / 60
-  print(f"training took {minutes:.1f} min on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+def _sample_grid(config, out):
   sched = train_lib.schedule_from_config(config)
   sampler = samplers.ddim(sched, config.sample_steps, spacing=config.get("sample_spacing", "uniform"))
   mc = train_lib.model_config(config)
   key = jax.random.key(config.seed + 1)
   x_T = jax.random.normal(key, (config.num_samples, mc.sample_size, mc.sample_size, mc.in_channels))
   run = jax.jit(lambda p, x, k: samplers.sample(out["module"].apply, {"params": p}, sampler, x, k)[0].x)
-  imgs = run(out["params"], x_T, key)
-  paths = [os.path.join(_WORKDIR.value, "samples.png")]
-  if _EXPORT.value:
-    name = os.path.basename(os.path.normpath(_EXPORT.value))
-    paths.append(os.path.join(_EXPORT.value, "..", "..", "..", "docs", f"{name}_samples.png"))
+  return jnp.clip(run(out["params"], x_T, key), -1, 1)
+
+
+def main():
+  config = _CONFIG.value
+  export = _EXPORT.value
+  if export:
+    export = files.check_output_dir(export, launch.OVERWRITE.value, flag="--overwrite",
+                                    marker=files.META_JSON, what="a tac_jax model")
+  if _FIGURE.value and os.path.isdir(_FIGURE.value):
+    raise ValueError(f"--figure={_FIGURE.value} is a folder; name a .png file.")
+  t0 = time.time()
+  out = train_lib.train(config, _WORKDIR.value, export_dir=export)
+  minutes = (time.time() - t0) / 60
+  print(f"training took {minutes:.1f} min on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+  imgs = _sample_grid(config, out)
   if jax.process_index() != 0:
     return
-  for p in paths:
-    viz.save_grid(os.path.normpath(p), jnp.clip(imgs, -1, 1), cols=8)
-    print(f"wrote {os.path.normpath(p)}")
+  for p in [os.path.join(_WORKDIR.value, "samples.png")] + ([_FIGURE.value] if _FIGURE.value else []):
+    viz.save_grid(p, imgs, cols=8)
+    print(f"wrote {p}")
 
 
 if __name__ == "__main__":
-  app.run(launch.job(main))
+  launch.main(main)

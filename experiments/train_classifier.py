@@ -9,9 +9,10 @@ their colored copies) held out for the reported accuracy. About a minute on 2 CP
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
 from tac_jax import data
+from tac_jax.app import launch
 from tac_jax.metrics import frechet
 
 _OUTDIR = flags.DEFINE_string("outdir", frechet.classifier_dir(), "Where to write the classifier.")
@@ -20,9 +21,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Data order, init and held-out split.")
 _COLOR_SEEDS = 4
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
+def main():
   t0 = time.time()
   images = np.concatenate([data.digits(16, True, seed=k) for k in range(_COLOR_SEEDS)])
   labels = np.tile(data.digit_labels(), _COLOR_SEEDS)
@@ -37,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.main(main)

@@ -19,10 +19,12 @@ from importlib import metadata
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any, Dict, Iterator, Mapping, Optional
 
 import jax
@@ -93,9 +95,19 @@ def tree_checksums(directory: str) -> Dict[str, str]:
   return dict(sorted(out.items()))
 
 
+UNVERIFIED_ENV = "TAC_JAX_ALLOW_UNVERIFIED"
+
+
 def verify_checksums(directory: str, expected: Mapping[str, str], what: str) -> None:
   """Raises ValueError naming the first file under `directory` that is missing or whose
-  SHA-256 differs from `expected`."""
+  SHA-256 differs from `expected`. A record without checksums is refused unless the
+  environment sets TAC_JAX_ALLOW_UNVERIFIED=1 (files written before checksums existed)."""
+  if not expected:
+    if os.environ.get(UNVERIFIED_ENV) == "1":
+      return
+    raise ValueError(f"{what}: the record holds no checksums, so its files cannot be verified "
+                     "(written by an old version, or the record was edited); re-export it, or "
+                     f"set {UNVERIFIED_ENV}=1 to load it unverified.")
   for rel, digest in expected.items():
     path = os.path.join(directory, rel)
     if not os.path.isfile(path):
@@ -107,20 +119,34 @@ def verify_checksums(directory: str, expected: Mapping[str, str], what: str) -> 
 
 # ----------------------------------------------------------------------------- directories
 
-def check_output_dir(path: str, overwrite: bool, flag: str = "--overwrite") -> str:
+def _check_ours(path: str, marker: Optional[str], what: str, hint: str) -> bool:
+  """Whether `path` is a non-empty directory; refuses a file, and (with `marker`) a
+  non-empty directory without the marker file that our writer puts in every folder."""
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise ValueError(f"{path} is a file, not a folder; {hint}.")
+  if not os.path.isdir(path) or not os.listdir(path):
+    return False
+  if marker is not None and not os.path.isfile(os.path.join(path, marker)):
+    raise FileExistsError(f"{path} holds files that are not tac_jax {what} (no {marker}); "
+                          f"tac_jax only replaces folders it wrote. {hint[0].upper()}{hint[1:]}, "
+                          "or empty the folder yourself.")
+  return True
+
+
+def check_output_dir(path: str, overwrite: bool, flag: str = "--overwrite",
+                     marker: Optional[str] = MANIFEST, what: str = "results") -> str:
   """Validates an output directory before any work starts; returns its absolute path.
 
-  Refuses an empty name, a path that is a file, a parent that cannot be written, and a
-  non-empty existing directory unless `overwrite` (which then replaces it as a whole).
+  Refuses an empty name, a path that is a file, a non-empty folder that is not one of ours
+  (no `marker` file; even with `overwrite`), one of ours unless `overwrite` (which then
+  replaces it as a whole), and a parent that cannot be written.
   """
   if not path or not str(path).strip():
     raise ValueError("the output directory is empty; pass --outdir=<folder>.")
   path = os.path.abspath(path)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f"output directory {path} is a file; pass another --outdir.")
-  if os.path.isdir(path) and os.listdir(path) and not overwrite:
-    raise FileExistsError(f"output directory {path} already holds results; pass {flag} to "
-                          "replace it as a whole, or another --outdir.")
+  if _check_ours(path, marker, what, "pass another output folder") and not overwrite:
+    raise FileExistsError(f"output directory {path} already holds {what}; pass {flag} to "
+                          "replace it as a whole, or another output folder.")
   parent = os.path.dirname(path)
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
@@ -131,14 +157,57 @@ def check_output_dir(path: str, overwrite: bool, flag: str = "--overwrite") -> s
   return path
 
 
+_STALE_AFTER_S = 24 * 3600
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, OverflowError):
+    return True
+  return True
+
+
+def clean_stale(final: str) -> None:
+  """Removes the staging folders an interrupted write of `final` left beside it
+  (`.NAME.tmp-PID-*` of a dead process, or unnamed ones older than a day); a previous
+  version parked as `.NAME.old-PID-*` by a write killed mid-swap is put back first."""
+  parent, name = os.path.split(os.path.abspath(final))
+  if not os.path.isdir(parent):
+    return
+  for entry in os.listdir(parent):
+    m = re.fullmatch(re.escape(f".{name}.") + r"(tmp|old)-(?:(\d+)-)?.*", entry)
+    if m is None:
+      continue
+    full = os.path.join(parent, entry)
+    pid = int(m.group(2)) if m.group(2) else None
+    if pid is not None and _pid_alive(pid):
+      continue
+    if pid is None and time.time() - os.path.getmtime(full) < _STALE_AFTER_S:
+      continue
+    if m.group(1) == "old" and not os.path.lexists(final):
+      os.replace(full, final)
+    else:
+      shutil.rmtree(full, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def staged_directory(final: str) -> Iterator[str]:
+def staged_directory(final: str, marker: Optional[str] = None,
+                     what: str = "output") -> Iterator[str]:
   """Yields a hidden sibling of `final` to build into; on success it replaces `final` (the
-  previous version, if any, stays intact until then); on any error it is removed."""
+  previous version, if any, stays intact until then); on any error it is removed.
+
+  `final` must not be a file, and with `marker` an existing non-empty `final` must hold
+  that file (it is one of ours). Stale staging folders of earlier killed writes are removed.
+  """
   final = os.path.abspath(final)
   parent, name = os.path.split(final)
+  _check_ours(final, marker, what, "choose another folder")
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
+  clean_stale(final)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-{os.getpid()}-")
   try:
     yield tmp
   except BaseException:
@@ -146,7 +215,7 @@ def staged_directory(final: str) -> Iterator[str]:
     raise
   old = None
   if os.path.lexists(final):
-    old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
+    old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-{os.getpid()}-")
     os.rmdir(old)
     os.replace(final, old)
   os.replace(tmp, final)
@@ -165,11 +234,14 @@ def _git(*args: str) -> Optional[str]:
 
 
 def manifest(config: Optional[Mapping[str, Any]], directory: str) -> Dict[str, Any]:
-  """What produced `directory`'s files: config, git revision (and whether the checkout had
-  uncommitted changes to tracked files), versions, file checksums."""
+  """What produced `directory`'s files: config, git revision (whether the checkout had
+  uncommitted changes to tracked files, and the SHA-256 of `git diff HEAD` if so),
+  versions, file checksums."""
   rev = _git("rev-parse", "HEAD") or None
   status = _git("status", "--porcelain", "--untracked-files=no")
   dirty = None if status is None else bool(status)
+  diff = _git("diff", "HEAD") if dirty else None   # which uncommitted changes, by hash
+  diff_sha = hashlib.sha256(diff.encode()).hexdigest() if diff else None
   versions = {}
   for dist in ("jax", "jaxlib", "flax", "numpy", "orbax-checkpoint", "tac_jax"):
     try:
@@ -178,7 +250,7 @@ def manifest(config: Optional[Mapping[str, Any]], directory: str) -> Dict[str, A
       versions[dist] = None
   files = {k: v for k, v in tree_checksums(directory).items() if k != MANIFEST}
   return {"config": dict(config) if config is not None else None, "git_revision": rev,
-          "git_dirty": dirty, "versions": versions, "python": sys.version.split()[0], "files": files}
+          "git_dirty": dirty, "git_diff_sha256": diff_sha, "versions": versions, "python": sys.version.split()[0], "files": files}
 
 
 # ----------------------------------------------------------------------------- param trees
@@ -213,7 +285,7 @@ def save_checkpoint(directory: str, params, meta: Mapping[str, Any]) -> str:
   if "model" not in meta:
     raise ValueError("meta must contain the 'model' config dict.")
   directory = os.path.abspath(directory)
-  with staged_directory(directory) as tmp:
+  with staged_directory(directory, META_JSON, "model checkpoint") as tmp:
     save_tree(os.path.join(tmp, PARAMS_DIR), params)
     record = {**meta, "checksums": tree_checksums(os.path.join(tmp, PARAMS_DIR)),
               "param_shapes": param_shapes(params)}
@@ -257,8 +329,8 @@ def _check_shapes(meta: Mapping[str, Any], abstract, marker: str) -> None:
 def restore_params(directory: str, abstract, meta: Optional[Mapping[str, Any]] = None):
   """The params/ tree of a checkpoint directory, restored against `abstract`.
 
-  Verifies the recorded checksums and shapes first (checkpoints written before checksums
-  existed are read as they are), so a damaged or mismatched file fails with one clear
+  Verifies the recorded checksums and shapes first (a record without checksums only with
+  TAC_JAX_ALLOW_UNVERIFIED=1), so a damaged or mismatched file fails with one clear
   error naming it, before orbax reads anything.
   """
   directory = os.path.abspath(directory)

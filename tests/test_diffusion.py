@@ -152,6 +152,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
   _, params = _init(TINY)
   d = str(tmp_path / "m")
   ckpt_lib.save_model(d, params, {"model": TINY.to_dict()})
+  record = files.read_json(os.path.join(d, "model.json"), "checkpoint")
   with open(os.path.join(d, "model.json"), "w") as f:
     f.write("{not json")
   with pytest.raises(ValueError, match="not valid JSON"):
@@ -161,8 +162,12 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     ckpt_lib.load_model(d)
   other = UNetConfig(sample_size=8, block_out_channels=(16, 16), attention_levels=(),
                      norm_num_groups=4)
-  files.write_json_atomic(os.path.join(d, "model.json"), {"model": other.to_dict()})
-  with pytest.raises(ValueError, match="do not match the model config"):
+  files.write_json_atomic(os.path.join(d, "model.json"), {**record, "model": other.to_dict()})
+  with pytest.raises(ValueError, match="does not match its model config"):
+    ckpt_lib.load_model(d)
+  del record["checksums"]   # an edited record without checksums: refused unless opted in
+  files.write_json_atomic(os.path.join(d, "model.json"), record)
+  with pytest.raises(ValueError, match="holds no checksums.*TAC_JAX_ALLOW_UNVERIFIED=1"):
     ckpt_lib.load_model(d)
 
 

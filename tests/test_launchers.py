@@ -68,6 +68,11 @@ def test_main_job_writes_a_manifest_of_its_files(tiny_runs):
   assert set(man["files"]) == set(os.listdir(out)) - {"manifest.json"}
   files.verify_checksums(out, man["files"], "run")
   assert not [n for n in os.listdir(os.path.dirname(out)) if n.startswith(".main.")]
+  # the checkout's state: a revision, and a diff hash exactly when tracked files changed
+  diff = subprocess.run(["git", "diff", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+  if diff.returncode == 0:
+    assert man["git_revision"] and man["git_dirty"] == bool(diff.stdout.strip())
+    assert (man["git_diff_sha256"] is None) == (not man["git_dirty"])
 
 
 def test_main_job_and_sweep_agree_on_the_same_seed(tiny_runs):

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from configs_loader import load_config
 from tac_jax.app import leaderboard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,3 +34,18 @@ def test_leaderboard_and_readme_table_regenerate_from_the_result_folders():
     readme = f.read()
   assert leaderboard.replace_block(readme, table) == readme, (
       f"README.md's results table is stale: run `{leaderboard.COMMAND}`")
+
+
+@pytest.mark.parametrize("folder, overrides", [
+    ("docs/results", {}),
+    ("docs/results_gray28", {"checkpoint": "tac_jax/assets/gray28_model", "spacing": "leading"})])
+def test_published_folders_are_reproduced_by_the_named_config(folder, overrides):
+  """The README names `--config=configs/full.py` (plus the overrides) as the command of
+  each published folder: that config must be the one its manifest recorded."""
+  with open(os.path.join(ROOT, folder, "manifest.json")) as f:
+    recorded = json.load(f)["config"]
+  want = load_config("full")
+  want.update(overrides)
+  want = want.to_dict()
+  diff = sorted(k for k in set(want) | set(recorded) if want.get(k) != recorded.get(k))
+  assert not diff, {k: (recorded.get(k), want.get(k)) for k in diff}

@@ -25,9 +25,14 @@ def test_sweep_rejects_bad_names():
   cfg.spacing, cfg.thresholding = "leading", 2.0
   with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
     sweep.validate(cfg)
-  cfg.thresholding, cfg.calib_sizes = 0.0, "0"
-  with pytest.raises(ValueError, match="calibration size must be >= 1"):
-    sweep.validate(cfg)
+  cfg.thresholding = 0.0
+  for field, value, match in (("calib_sizes", "0", "config.calib_sizes: every entry must be >= 1"),
+                              ("calib_sizes", "-4", "config.calib_sizes: every entry must be >= 1"),
+                              ("seeds", "a,b", "config.seeds: 'a' is not an integer")):
+    bad = cfg.copy_and_resolve_references()
+    bad[field] = value
+    with pytest.raises(ValueError, match=match):
+      sweep.validate(bad)
 
 
 def test_report_spread_is_over_seeds_and_left_out_for_one():

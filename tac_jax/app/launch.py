@@ -1,4 +1,8 @@
-"""absl flags shared by the experiment launchers: --overwrite and multi-host start-up.
+"""What every experiment launcher shares: --overwrite, multi-host start-up, config flags
+that name a mistyped field, and errors in one short message.
+
+    if __name__ == "__main__":
+      launch.main(run)      # run() takes no arguments and reads the flags
 
     # Cloud TPU pod slice: the same command on every host (JAX finds the coordinator)
     python experiments/quantize.py --distributed --outdir=gs://.../run
@@ -7,9 +11,13 @@
         --num_processes=2 --process_id=$RANK
 """
 
-from typing import Callable
+import os
+import re
+import sys
+from typing import Callable, NoReturn
 
-from absl import flags, logging
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from tac_jax import parallel
 
@@ -45,14 +53,93 @@ def maybe_initialize_distributed() -> bool:
   return True
 
 
+# What a user can cause and fix (bad flags, config values, files): one message, no traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, flags.Error, SyntaxError)
+TRACEBACK_ENV = "TAC_JAX_TRACEBACK"
+
+
+def fail(error: BaseException) -> NoReturn:
+  """Exits with status 1 after printing `error` as `error: <message>` (no traceback unless
+  the environment sets TAC_JAX_TRACEBACK=1, which re-raises it)."""
+  if os.environ.get(TRACEBACK_ENV) == "1":
+    raise error
+  text = str(error).strip() or type(error).__name__
+  if isinstance(error, SyntaxError) and error.filename:
+    text = f"{error.filename}, line {error.lineno}: {error.msg}"
+  sys.stderr.write(f"error: {text}\n(set {TRACEBACK_ENV}=1 to see the traceback)\n")
+  sys.exit(1)
+
+
+def _unknown_field(error: BaseException, argv) -> ValueError:
+  """ml_collections' error for a `--config.<field>` override naming no field, as one line
+  that names the flag and the closest valid field."""
+  text = error
+  while isinstance(text, BaseException) and text.args:   # AttributeError(KeyError(str))
+    text = text.args[0]
+  lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+  field = lines[0].strip("'\"") if lines else "?"
+  hint = f" ({lines[1][0].lower()}{lines[1][1:]})" if len(lines) > 1 else ""
+  flag = next((a.split("=")[0] for a in argv if re.search(rf"\.{re.escape(field)}(=|$)",
+                                                           a.split("=")[0])), f"--config.{field}")
+  return ValueError(f"{flag}: the config has no field {field!r}{hint}.")
+
+
+def parse_flags(argv):
+  """absl's flag parser with bad flags and broken config files reported by `fail`."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:   # an override of a field the --config file lacks
+    fail(_unknown_field(e, argv))
+  except USER_ERRORS as e:
+    fail(e)
+
+
+class ConfigFlag:
+  """A `--config` file flag whose `.value` is loaded at once: a config file that cannot be
+  loaded is a one-line ValueError naming the flag and the file's problem."""
+
+  def __init__(self, holder, name: str):
+    self._holder, self._name = holder, name
+
+  @property
+  def value(self):
+    try:
+      config = self._holder.value
+      config.keys()   # the file is loaded lazily: make a failure to load show here
+    except OSError as e:
+      errno = re.findall(r"\[Errno \d+\][^\n]*", str(e))
+      why = errno[-1].strip() if errno else str(e).splitlines()[0]
+      raise ValueError(f"--{self._name}: cannot load the config file ({why}).") from None
+    return config
+
+
+def define_config(name: str, default: str, help_string: str) -> ConfigFlag:
+  """`config_flags.DEFINE_config_file` with the errors of `ConfigFlag`; an override of a
+  field the config lacks (found here: ml_collections reads sys.argv when the flag is
+  defined) ends the program with the closest valid field named."""
+  try:
+    holder = config_flags.DEFINE_config_file(name, default, help_string)
+  except (AttributeError, KeyError) as e:
+    fail(_unknown_field(e, sys.argv))
+  return ConfigFlag(holder, name)
+
+
 def job(run: Callable[[], object]) -> Callable:
   """The `main(argv)` of a launcher: quiet library logging (progress is printed), start
-  multi-host JAX when asked, then `run()`."""
+  multi-host JAX when asked, then `run()`; user errors end in one message (`fail`)."""
 
   def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # keep orbax's INFO lines out of the progress
-    maybe_initialize_distributed()
-    run()
+    try:
+      maybe_initialize_distributed()
+      run()
+    except USER_ERRORS as e:
+      fail(e)
 
   return main
+
+
+def main(run: Callable[[], object]) -> None:
+  """Runs a launcher: `app.run` with `parse_flags` and `job(run)`."""
+  app.run(job(run), flags_parser=parse_flags)

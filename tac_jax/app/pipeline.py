@@ -146,7 +146,7 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
   log(f"{tag}: PTQ done ({len(qm.specs)} layers, weights {mem['layers_float32'] / 1e6:.2f} MB"
       f" float -> {mem['layers_stored'] / 1e6:.2f} MB)")
   if qm.float_layers:
-    log(f"{tag}: left in float: " + "; ".join(f"{p} ({why})" for p, why in qm.float_layers.items()))
+    log(f"{tag}: left in float: " + report.group_reasons(qm.float_layers))
   phi, prop = stages.analyse_propagation(ctx.jit, ctx.model, qm, ctx.noise)
   log(f"{tag}: propagation model: final error RMS {prop['measured_rms'][-1]:.4f}, closed "
       f"form corr {np.mean(prop['closed_form_corr'][1:]):.3f}")
@@ -231,7 +231,7 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True,
       "fd_float_vs_data": ctx.fd.floor if ctx.fd is not None else None, "runs": [],
       "grids": {f"{s}_{o}": os.path.join(outdir, f"grid_{s}_{o}.png")
                 for o in job.ptq for s in job.common.settings}}
-  staged = files.staged_directory(outdir) if writer else contextlib.nullcontext(None)
+  staged = files.staged_directory(outdir, files.MANIFEST, "results") if writer else contextlib.nullcontext(None)
   with staged as tmp:
     for obs in job.ptq:
       for setting in job.common.settings:

@@ -218,3 +218,12 @@ def headline_table(out: Dict[str, Any]) -> str:
     rows.append(["float", "-", "-", "-", "-", "-", f"{fd[('float', '-')]:.1f}"])
   return "\n".join(markdown_table(["setting", "method", "PSNR (dB)", "SSIM", "std ratio",
                                    "sharpness ratio", "FD vs data"], rows)) + "\n"
+
+
+def group_reasons(reasons: Dict[str, str]) -> str:
+  """{layer: why} as one line, layers that share a reason listed once with it:
+  "a, b (why); c (other)"."""
+  by_reason: Dict[str, List[str]] = {}
+  for name, why in reasons.items():
+    by_reason.setdefault(why, []).append(name)
+  return "; ".join(f"{', '.join(names)} ({why})" for why, names in by_reason.items())

@@ -38,16 +38,17 @@ def parse_list(value, allowed=None, what="value") -> List[str]:
   return items
 
 
-def parse_ints(value, what: str, minimum: int) -> Tuple[int, ...]:
-  """A comma list of integers >= minimum."""
+def parse_ints(value, field: str, minimum: int) -> Tuple[int, ...]:
+  """A comma list of integers >= minimum; errors name `field` (e.g. "config.seeds")."""
   out = []
-  for v in parse_list(str(value), None, what):
+  for v in parse_list(str(value), None, f"{field} entry"):
     try:
       n = int(v)
     except ValueError:
-      raise ValueError(f"{what} {v!r} is not an integer.") from None
+      raise ValueError(f"{field}: {v!r} is not an integer; write a comma list such as "
+                       f"{minimum},{minimum + 1}.") from None
     if n < minimum:
-      raise ValueError(f"{what} must be >= {minimum}, got {n}.")
+      raise ValueError(f"{field}: every entry must be >= {minimum}, got {n}.")
     out.append(n)
   return tuple(out)
 
@@ -70,7 +71,7 @@ def parse_methods(value) -> Tuple[str, ...]:
 
 def _integer(config, name: str, minimum: int) -> int:
   v = config[name]
-  if isinstance(v, bool) or int(v) != v or v < minimum:
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < minimum:
     raise ValueError(f"config.{name} must be an integer >= {minimum}, got {v!r}.")
   return int(v)
 
@@ -168,11 +169,15 @@ class EvalSpec:
 def eval_spec(config, methods, ptq0: str) -> EvalSpec:
   quant = config.quant.to_dict()
   presets.quant_config(quant, 8, 8, ptq0)   # unknown / bits fields
+  safe = safe_config(config)
+  num_calib = _integer(config, "num_calib", 1)
+  if compensation.DEFAULT_METHOD in methods:
+    compensation.check_split(num_calib, safe.val_fraction)
   return EvalSpec(model=model_spec(config),
-                  num_calib=_integer(config, "num_calib", 1),
+                  num_calib=num_calib,
                   num_eval=_integer(config, "num_eval", 1),
                   settings=tuple(parse_list(config.settings, SETTINGS, "setting")),
-                  methods=methods, quant=quant, safe=safe_config(config),
+                  methods=methods, quant=quant, safe=safe,
                   fd_data_seed=_integer(config, "fd_data_seed", 0),
                   data_parallel=bool(config.get("data_parallel", True)))
 
@@ -255,11 +260,11 @@ def sweep_spec(cfg: ml_collections.ConfigDict, ablations: Tuple[str, ...]) -> Sw
   fd_methods = tuple(parse_list(cfg.fd_methods, methods, "FD method")) if num_fd > 0 else ()
   return SweepSpec(
       common=eval_spec(cfg, methods, ptq_option(options[0])[0]),
-      samplers=specs, ref=cfg.ref_sampler, seeds=parse_ints(cfg.seeds, "seed", 0),
+      samplers=specs, ref=cfg.ref_sampler, seeds=parse_ints(cfg.seeds, "config.seeds", 0),
       ptq_options=options,
       ablation_settings=tuple(parse_list(cfg.ablation_settings, SETTINGS, "setting")),
       ablations=tuple(parse_list(cfg.get("ablations", ",".join(ablations)), ablations, "ablation")),
-      fd_methods=fd_methods, calib_sizes=parse_ints(cfg.calib_sizes, "calibration size", 1),
+      fd_methods=fd_methods, calib_sizes=parse_ints(cfg.calib_sizes, "config.calib_sizes", 1),
       num_fd=num_fd, fd_data=cfg.fd_data)
 
 

@@ -34,6 +34,7 @@ from tac_jax.compensation import propagation
 from tac_jax.host import to_host
 from tac_jax.metrics import frechet
 from tac_jax.models import checkpoint as ckpt_lib
+from tac_jax.validate import check_applies
 
 
 class Progress:
@@ -142,7 +143,9 @@ def model_from_factory(spec: str) -> Model:
   if len(shape) != 3:
     raise ValueError(f"model factory {spec!r}: the image shape must be (H, W, C), got {shape}.")
   x = jnp.zeros((1,) + shape)
-  y = jax.eval_shape(lambda p: module.apply({"params": p}, x, jnp.zeros((1,), jnp.int32)), params)
+  y = check_applies(module.apply, {"params": params}, (x, jnp.zeros((1,), jnp.int32)),
+                    f"model factory {spec!r}", "the factory's params must be its module's, and "
+                    "its image shape (H, W, C) the module's input")
   if y.shape != x.shape:
     raise ValueError(f"model factory {spec!r}: the model maps {x.shape} to {y.shape}; an "
                      "epsilon-prediction model returns its input's shape.")

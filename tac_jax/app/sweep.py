@@ -253,7 +253,7 @@ def run(cfg: ml_collections.ConfigDict, outdir: str, verbose: bool = True,
     log(f"seed {seed}: float samples for {', '.join(spec.sampler_names)}")
     for setting in spec.common.settings:
       _setting_runs(s, out, seed, noise, refs, calib, setting, grids)
-  with files.staged_directory(outdir) as tmp:
+  with files.staged_directory(outdir, files.MANIFEST, "results") as tmp:
     out["report"] = write_outputs(out, tmp, outdir, grids)
   log(f"wrote {outdir}: sweep.json, report.md, headline.md, manifest.json and figures")
   return out

@@ -17,8 +17,9 @@ from tac_jax.compensation.params import (CorrectionParams, check_params_finite, 
                                          zero_params)
 from tac_jax.compensation.scan import (FitContext, Net, ScanOutput, calibration_scan,
                                        check_calibration_noise)
-from tac_jax.diffusion.samplers import Sampler
+from tac_jax.diffusion.samplers import Sampler, batch_timestep, network_input
 from tac_jax.host import to_host
+from tac_jax.validate import check_applies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,22 @@ def _context(fp: Net, q: Net, sampler: Sampler, method: registry.Method, options
                      "but this sampler carries none: build it with samplers.ddim / ddpm / "
                      "make_sampler from a Schedule.")
   return FitContext(fp, q, sampler, registry.resolve_options(method, options))
+
+
+NETS_FIX = ("x_T must be [B, H, W, C] with the model's image size and channel count, and each "
+            "network's variables must be the ones of its model (fp: the float params; q: the "
+            "quantized model's variables)")
+
+
+def check_nets_apply(fp: Net, q: Net, sampler: Sampler, x_T: jax.Array, key: jax.Array) -> None:
+  """Raises ValueError (`validate.check_applies`) when the float or the quantized network
+  cannot take the call calibration makes first: the sampler's first network input from x_T
+  (x and a [B] timestep; a guided net's conditions travel in its variables). Traces only."""
+  first = lambda x, k: network_input(sampler, sampler.init(x, k), 0)
+  x_in, t_in = jax.eval_shape(first, x_T, key)
+  t = jax.eval_shape(batch_timestep, t_in, x_in)
+  for name, net in (("float network fp", fp), ("quantized network q", q)):
+    check_applies(net.apply, net.variables, (x_in, t), f"calibration: the {name}", NETS_FIX)
 
 
 def _phi(sampler: Sampler, x_T, phi):
@@ -91,13 +108,17 @@ def calibrate(fp: Net, q: Net, sampler: Sampler, x_T: jax.Array, key: jax.Array,
     phi: [N, C] propagation gains of the carried error estimate (default a_i).
   Returns:
     Calibration(method, params, seconds, report).
+  Raises ValueError naming fp or q when a network does not accept the first call from x_T
+  (`check_nets_apply`: e.g. x_T's channel count is not the model's).
   """
   m = registry.get(method)
   t0 = time.perf_counter()
+  ctx = _context(fp, q, sampler, m, options)
+  check_calibration_noise(x_T)
+  check_nets_apply(fp, q, sampler, x_T, key)
   if m.run is not None:
-    params, report = m.run(_context(fp, q, sampler, m, options), x_T, key, _phi(sampler, x_T, phi))
+    params, report = m.run(ctx, x_T, key, _phi(sampler, x_T, phi))
   else:
-    check_calibration_noise(x_T)
     run = jax.jit(lambda fp_, q_, x, k, p: fit_scan(fp_, q_, sampler, x, k, method, options, p))
     out, report = jax.block_until_ready(run(fp, q, x_T, key, _phi(sampler, x_T, phi))), None
     bad = to_host(out.bad)

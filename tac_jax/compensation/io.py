@@ -24,7 +24,7 @@ def save_params(directory: str, params: CorrectionParams,
   check_shapes(params)
   check_params_finite(params, "save_params")
   tree = {k: v for k, v in dataclasses.asdict(params).items() if v is not None}
-  with files.staged_directory(directory) as tmp:
+  with files.staged_directory(directory, PARAMS_JSON, "correction params") as tmp:
     files.save_tree(os.path.join(tmp, "tcec"), tree)
     files.write_json_atomic(os.path.join(tmp, PARAMS_JSON), {
         "num_steps": params.num_steps, "channels": params.num_channels, **(meta or {}),

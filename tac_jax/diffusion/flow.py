@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tac_jax.diffusion.multistep import check_num_steps, multistep_coeffs, multistep_sampler
+from tac_jax.diffusion.multistep import multistep_coeffs, multistep_sampler
 from tac_jax.diffusion.samplers import ApplyFn, Sampler, StepCoeffs, affine_sampler
+from tac_jax.diffusion.schedules import check_num_steps
 
 
 class FlowSchedule(NamedTuple):
@@ -77,8 +78,8 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1
   `set_timesteps(mu=mu)` (exponential time shift; the training grid is then unshifted).
   The defaults are diffusers' defaults (shift 1, no dynamic shifting, T = 1000).
   """
-  check_num_steps(num_steps)
   _check_flow_args(shift, num_train_timesteps, mu)
+  check_num_steps(num_steps)   # may exceed T: flow time is continuous (as in diffusers)
   T = num_train_timesteps
   train = np.array([T, 1], np.float32) / T            # ends of the training grid, float32
   if mu is None:

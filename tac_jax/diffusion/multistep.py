@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tac_jax.diffusion.samplers import Sampler, StepCoeffs
-from tac_jax.diffusion.schedules import Schedule
+from tac_jax.diffusion.schedules import Schedule, check_num_steps
 
 DPM_SPACINGS = ("linspace", "leading", "trailing")
 
@@ -114,12 +114,6 @@ def multistep_sampler(coeffs: MultistepCoeffs) -> Sampler:
   return Sampler(coeffs=coeffs, init=init, step=step)
 
 
-def check_num_steps(num_steps) -> None:
-  """Raises ValueError unless num_steps is an integer >= 1."""
-  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
-
-
 def dpm_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspace",
                   steps_offset: int = 0) -> np.ndarray:
   """DPMSolverMultistepScheduler.set_timesteps' timesteps (lambda_min_clipped = -inf).
@@ -128,7 +122,7 @@ def dpm_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspace",
   899, ..., 100; unlike DDIM's linspace, which ends at 0); `leading` is
   (0..N) * (T // (N+1)) without 0, plus steps_offset; `trailing` is T-1, T-1-T/N, ...
   """
-  check_num_steps(num_steps)
+  check_num_steps(num_steps, num_timesteps)
   if spacing not in DPM_SPACINGS:
     raise ValueError(f"unknown DPM-Solver spacing {spacing!r}; choose one of {DPM_SPACINGS}.")
   if int(steps_offset) != steps_offset or steps_offset < 0:

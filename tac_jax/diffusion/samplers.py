@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tac_jax.diffusion.schedules import SPACINGS, Schedule, timestep_subsequence
+from tac_jax.diffusion.schedules import (SPACINGS, Schedule, check_num_steps,
+                                         timestep_subsequence)
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (variables, x, t) -> eps
 
@@ -263,8 +264,7 @@ def check_sampler_args(name: str, num_steps: int, eta: float = 0.0,
   cannot work (before any model is loaded); eta applies to DDIM only."""
   if name not in SAMPLERS:
     raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}.")
-  if int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f"num_steps must be an integer >= 1, got {num_steps}.")
+  check_num_steps(num_steps)
   if name == "ddim" and not 0.0 <= eta <= 1.0:
     raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM), got {eta}.")
   if name == "ddpm" and eta != 0.0:

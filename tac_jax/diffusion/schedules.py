@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
 SCHEDULES = ("linear", "cosine")
 SPACINGS = ("uniform", "linspace", "quadratic", "leading", "trailing")
+# The smallest alphas_cumprod a schedule may reach: sampler coefficients divide by sqrt(abar).
+MIN_ALPHAS_CUMPROD = 1e-20
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -32,23 +35,68 @@ class Schedule:
     return t
 
 
+def check_num_steps(num_steps, num_timesteps=None, bound: str = "the schedule's num_timesteps"
+                    ) -> int:
+  """num_steps as an int; ValueError unless it is an integer >= 1 (bools are not) and, given
+  `num_timesteps` (named `bound` in the error), at most that."""
+  if (isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer))
+      or num_steps < 1):
+    raise ValueError(f"num_steps must be an integer >= 1 (the number of sampling steps), got "
+                     f"{num_steps!r}.")
+  if num_timesteps is not None and num_steps > num_timesteps:
+    raise ValueError(f"num_steps must be in [1, {num_timesteps}] ({bound}), got {num_steps}; "
+                     "use fewer sampling steps.")
+  return int(num_steps)
+
+
+def _is_number(v) -> bool:
+  return (not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+          and math.isfinite(v))
+
+
+def check_schedule_args(name: str, num_timesteps: int, beta_start: float, beta_end: float,
+                        cosine_s: float = 8e-3) -> None:
+  """Raises ValueError naming the argument of `make_schedule` that cannot work."""
+  if name not in SCHEDULES:
+    raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}.")
+  if (isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer))
+      or num_timesteps < 2):
+    raise ValueError(f"num_timesteps must be an integer >= 2 (the number of training "
+                     f"timesteps, e.g. 1000), got {num_timesteps!r}.")
+  for field, v in (("beta_start", beta_start), ("beta_end", beta_end), ("cosine_s", cosine_s)):
+    if not _is_number(v):
+      raise ValueError(f"{field} must be a finite number, got {v!r}.")
+
+
+def _check_betas(name, betas, hint) -> None:
+  if not np.all((betas > 0) & (betas < 1)):
+    raise ValueError(f"the {name} schedule's betas must lie in (0, 1), got [{betas.min():g}, "
+                     f"{betas.max():g}]; {hint}.")
+  abar = np.cumprod(1.0 - betas)
+  if not abar[-1] >= MIN_ALPHAS_CUMPROD:
+    first = int(np.argmax(~(abar >= MIN_ALPHAS_CUMPROD)))
+    raise ValueError(f"the {name} schedule's alphas_cumprod falls to {abar[-1]:.3g} (below "
+                     f"{MIN_ALPHAS_CUMPROD:g} from t = {first}), which makes the samplers' "
+                     f"coefficients overflow; {hint}.")
+
+
 def make_schedule(name: str = "linear", num_timesteps: int = 1000, beta_start: float = 1e-4,
                   beta_end: float = 0.02, cosine_s: float = 8e-3) -> Schedule:
-  """`linear` (DDPM, Ho et al.) or `cosine` (Nichol & Dhariwal) schedule, float64."""
-  if num_timesteps < 2:
-    raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}.")
+  """`linear` (DDPM, Ho et al.) or `cosine` (Nichol & Dhariwal) schedule, float64.
+
+  ValueError, naming the argument, for a non-integer num_timesteps (or < 2), non-finite
+  betas' ends, betas outside (0, 1), or an alphas_cumprod that falls below
+  MIN_ALPHAS_CUMPROD (the samplers divide by it)."""
+  check_schedule_args(name, num_timesteps, beta_start, beta_end, cosine_s)
   if name == "linear":
     betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
-  elif name == "cosine":
+    hint = f"check beta_start={beta_start} and beta_end={beta_end} (DDPM uses 1e-4 and 0.02)"
+  else:
+    hint = f"check cosine_s={cosine_s} (Nichol & Dhariwal use 8e-3)"
     s = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
     f = np.cos((s + cosine_s) / (1 + cosine_s) * np.pi / 2) ** 2
     betas = np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
-  else:
-    raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}.")
-  if not np.all((betas > 0) & (betas < 1)):
-    raise ValueError(f"the {name} schedule's betas must lie in (0, 1), got [{betas.min():g}, "
-                     f"{betas.max():g}]; check beta_start={beta_start} and beta_end={beta_end} "
-                     "(DDPM uses 1e-4 and 0.02).")
+  _check_betas(name, betas, hint)
   return Schedule(name=name, betas=betas)
 
 
@@ -64,8 +112,7 @@ def timestep_subsequence(num_timesteps: int, num_steps: int, spacing: str = "uni
   diffusers' `steps_offset` does (Stable Diffusion's schedulers use 1: 951, ..., 1); the
   other spacings ignore it, as diffusers does.
   """
-  if not 1 <= num_steps <= num_timesteps:
-    raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}.")
+  check_num_steps(num_steps, num_timesteps)
   if spacing not in SPACINGS:
     raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}.")
   if int(steps_offset) != steps_offset or steps_offset < 0:

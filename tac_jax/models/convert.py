@@ -33,11 +33,14 @@ import numpy as np
 from flax import traverse_util
 
 from tac_jax import files
+from tac_jax.diffusion.schedules import make_schedule
 from tac_jax.models import checkpoint
 from tac_jax.models import torch_weights
 from tac_jax.models.unet import UNet, UNetConfig
 
 CONFIG_NAME = "config.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
+BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}   # diffusers -> ours
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                  "model.safetensors", "pytorch_model.bin")
 LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -270,33 +273,53 @@ def find_model(directory: str, subfolder: str = "unet",
                           f"{names[0]} (or .bin) there or in {directory}/{subfolder}.")
 
 
+def scheduler_config_paths(directory: str) -> Tuple[str, ...]:
+  """Where a diffusers scheduler config may sit for a model in `directory`: next to it,
+  in its `scheduler/` or in its parent pipeline's `scheduler/` (a unet/ or transformer/)."""
+  parent = os.path.dirname(os.path.normpath(directory))
+  return (os.path.join(directory, SCHEDULER_CONFIG),
+          os.path.join(directory, "scheduler", SCHEDULER_CONFIG),
+          os.path.join(parent, "scheduler", SCHEDULER_CONFIG))
+
+
+def schedule_from_config(path: str) -> Dict[str, Any]:
+  """make_schedule kwargs from a diffusers scheduler_config.json, checked now: a corrupt
+  file, an unsupported beta_schedule or prediction_type, or values make_schedule refuses
+  give a ValueError naming the file."""
+  s = files.read_json(path, "diffusers scheduler config")
+  where = f"{SCHEDULER_CONFIG} at {path}"
+  kind = s.get("beta_schedule", "linear")
+  if kind not in BETA_SCHEDULES:
+    raise ValueError(f"{where}: beta_schedule {kind!r} is not supported; use one of "
+                     f"{sorted(BETA_SCHEDULES)} (or pass the schedule explicitly).")
+  if s.get("prediction_type", "epsilon") != "epsilon":
+    raise ValueError(f"{where}: prediction_type {s['prediction_type']!r}; only epsilon "
+                     "prediction is supported.")
+  T = s.get("num_train_timesteps", 1000)
+  if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+    raise ValueError(f"{where}: num_train_timesteps must be an integer >= 2, got {T!r}.")
+  out = {"name": BETA_SCHEDULES[kind], "num_timesteps": T}
+  if kind == "linear":
+    out.update(beta_start=s.get("beta_start", 1e-4), beta_end=s.get("beta_end", 0.02))
+  try:
+    make_schedule(**out)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  return out
+
+
 def schedule_from_diffusers(directory: str) -> Optional[Dict[str, Any]]:
-  """make_schedule kwargs from a diffusers scheduler config next to the UNet, if any."""
-  for path in (os.path.join(directory, "scheduler_config.json"),
-               os.path.join(directory, "scheduler", "scheduler_config.json")):
+  """make_schedule kwargs from the first diffusers scheduler config found for the model in
+  `directory` (`scheduler_config_paths`), checked (`schedule_from_config`); None if none."""
+  for path in scheduler_config_paths(directory):
     if os.path.isfile(path):
-      with open(path) as f:
-        s = json.load(f)
-      name = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(s.get("beta_schedule", "linear"))
-      if name is None:
-        raise ValueError(f"{path}: beta_schedule {s.get('beta_schedule')!r} is not supported "
-                         "(use 'linear' or 'squaredcos_cap_v2').")
-      if s.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"{path}: prediction_type {s['prediction_type']!r}; only epsilon "
-                         "prediction is supported.")
-      return {"name": name, "num_timesteps": int(s.get("num_train_timesteps", 1000)),
-              "beta_start": float(s.get("beta_start", 1e-4)),
-              "beta_end": float(s.get("beta_end", 0.02))}
+      return schedule_from_config(path)
   return None
 
 
 def read_config(path: str) -> Dict[str, Any]:
-  """A diffusers config.json, with an error naming the file when it is not JSON."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"corrupt {path}: {e}") from None
+  """A diffusers config.json, with an error naming the file when it is missing or corrupt."""
+  return files.read_json(path, "diffusers model config")
 
 
 def import_diffusers(directory: str, weights: Optional[str] = None,

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -44,12 +42,12 @@ import jax
 import jax.numpy as jnp
 
 from tac_jax.diffusion import guidance
+from tac_jax.models.convert import schedule_from_diffusers
 from tac_jax.models.dit import DiT, epsilon_prediction, init_dit
 from tac_jax.models.dit_config import DiTConfig
 from tac_jax.models.dit_convert import import_dit_diffusers
 
 DIT_SCHEDULE = {"name": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
-BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}   # diffusers -> ours
 TINY = DiTConfig(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
                  num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10)
 TINY_LABELS = tuple(range(10))
@@ -112,23 +110,10 @@ def tiny(seed: int = 0):
 
 def diffusers_schedule(directory: str) -> Dict[str, Any]:
   """make_schedule kwargs from the pipeline's `scheduler/scheduler_config.json` (looked up
-  in `directory` and its parent), else DiT's linear schedule."""
-  for root in (directory, os.path.dirname(os.path.normpath(directory))):
-    path = os.path.join(root, "scheduler", "scheduler_config.json")
-    if os.path.isfile(path):
-      with open(path) as f:
-        cfg = json.load(f)
-      kind = cfg.get("beta_schedule", "linear")
-      if kind not in BETA_SCHEDULES:
-        raise ValueError(f"{path}: beta_schedule {kind!r} is not supported; supported: "
-                         f"{sorted(BETA_SCHEDULES)} (or pass schedule=...).")
-      out = {"name": BETA_SCHEDULES[kind],
-             "num_timesteps": int(cfg.get("num_train_timesteps", 1000))}
-      if kind == "linear":
-        out.update(beta_start=float(cfg.get("beta_start", 1e-4)),
-                   beta_end=float(cfg.get("beta_end", 0.02)))
-      return out
-  return dict(DIT_SCHEDULE)
+  in `directory` and its parent; `convert.schedule_from_diffusers`, which checks it and
+  names the file in its errors), else DiT's linear schedule."""
+  found = schedule_from_diffusers(directory)
+  return dict(DIT_SCHEDULE) if found is None else found
 
 
 def guided_dit(directory: str, labels: Sequence[int], scale: float,

@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tac_jax.host import to_host
+from tac_jax.validate import is_traced
+
 MIN_BITS = 2
 MAX_BITS = 8
 
@@ -93,14 +96,40 @@ def reduce_axes(ndim: int, axis: Optional[Tuple[int, ...]]) -> Tuple[int, ...]:
   return tuple(a for a in range(ndim) if a not in keep)
 
 
+def check_range(lo, hi) -> None:
+  """Raises ValueError when a concrete range holds NaN or has lo > hi anywhere; traced
+  values (under jit) are not checked, so the call is jit-safe."""
+  if is_traced(lo) or is_traced(hi):
+    return
+  lo, hi = np.asarray(to_host(lo), np.float64), np.asarray(to_host(hi), np.float64)
+  try:
+    lo, hi = np.broadcast_arrays(lo, hi)
+  except ValueError:
+    raise ValueError(f"params_from_range: lo has shape {lo.shape} and hi {hi.shape}; pass "
+                     "ranges of one shape (per channel: the tensor's rank).") from None
+  if np.isnan(lo).any() or np.isnan(hi).any():
+    raise ValueError(f"params_from_range: lo/hi hold NaN ({int(np.isnan(lo).sum())} value(s) in "
+                     f"lo, {int(np.isnan(hi).sum())} in hi); compute the range from finite data.")
+  bad = lo > hi
+  if bad.any():
+    i = int(np.argmax(bad.ravel()))
+    index = tuple(int(j) for j in np.unravel_index(i, lo.shape))
+    at = f" at index {index}" if index else ""
+    raise ValueError(f"params_from_range: lo must be <= hi, got lo={lo.ravel()[i]:g} > "
+                     f"hi={hi.ravel()[i]:g}{at} ({int(bad.sum())} of {bad.size}); pass the range "
+                     "as (lo, hi) = (min, max) of the data.")
+
+
 def params_from_range(lo: jax.Array, hi: jax.Array, bits: int, axis: Axis = None,
                       symmetric: bool = True, ndim: Optional[int] = None) -> QuantParams:
   """QuantParams that map [lo, hi] (widened to contain 0) onto the integer grid.
 
   `lo`/`hi` are per-tensor scalars or arrays with the tensor's rank (size 1 on reduced
-  axes). Zero is always exactly representable, so zero padding stays exact.
+  axes). Zero is always exactly representable, so zero padding stays exact. A concrete
+  range with NaN or lo > hi is a ValueError (`check_range`; traced ranges are not checked).
   """
   bits = check_bits(bits)
+  check_range(lo, hi)
   lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
   hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
   ndim = lo.ndim if ndim is None else ndim
