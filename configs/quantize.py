@@ -13,7 +13,7 @@ def get_config():
   c.plugins = ""                    # modules to import first (e.g. registering a compensator)
   c.checkpoint = ""                 # model directory; "" = the embedded default model
   c.seed = 0                        # calibration and evaluation noise derive from this
-  c.sampler = "ddim"                # 'ddim' or 'ddpm'
+  c.sampler = "ddim"                # 'ddim', 'ddpm' or 'dpm' (DPM-Solver++ 2M)
   c.num_steps = 20
   c.eta = 0.0
   c.spacing = "uniform"             # uniform (= diffusers' linspace), quadratic, leading, trailing

@@ -364,12 +364,13 @@ def test_field_methods_gain_on_the_shipped_model_and_none_diverges(shipped_w8a8)
 
 
 def test_multistep_samplers_are_refused_by_one_step_error_models_only():
-  """DPM-Solver++ 2M mixes the previous output into each step: the one-step target of tcec
-  (and paper_m1, stepbaq, qncd) does not describe it, so they refuse it with a clear
-  error; TAC and PTQD (same-input fits) and plain PTQ run."""
+  """DPM-Solver++ 2M mixes the previous output into each step: the one-step models of
+  paper_m1, stepbaq and qncd do not describe it, so they refuse it with a clear error;
+  TAC and PTQD (same-input fits), plain PTQ and the two-term tcec target run
+  (tests/test_multistep_errors.py)."""
   from tac_jax.diffusion import multistep   # pylint: disable=import-outside-toplevel
   sampler = multistep.dpm_solver_2m(SCHED, 6)
-  for method in ("tcec", "paper_m1", "per_step"):
+  for method in ("paper_m1", "stepbaq", "qncd"):
     with pytest.raises(ValueError, match="multistep"):
       _fit(method, gain_eps, sampler, n=8)
   p = _fit("tac", gain_eps, sampler, n=64, options=comp.TACOptions(threshold=0.0))

@@ -93,3 +93,22 @@ def test_main_job_runs_a_model_from_a_factory(tmp_path):
     cfg.model = spec
     with pytest.raises(ValueError, match=match):
       pipeline.run(cfg, str(tmp_path / "bad"), verbose=False)
+
+
+def test_main_job_runs_dpm_solver_with_the_two_term_error_model(tiny_model_dir, tmp_path):
+  cfg = load_config("quantize")
+  cfg.update(dict(checkpoint=tiny_model_dir(8), sampler="dpm", num_steps=4, num_calib=4,
+                  num_eval=4, settings="W4A4", methods="none,tcec", frechet=False,
+                  timing_repeats=0, int_path=False))
+  res = pipeline.run(cfg, str(tmp_path / "run"), verbose=False)
+  runs = {r["method"]: r for r in res["runs"]}
+  assert runs["tcec"]["psnr_fake"]["mean"] > runs["none"]["psnr_fake"]["mean"]
+  prop = runs["none"]["propagation"]
+  assert len(prop["closed_form_j0_rel_err"]) == 4 and prop["closed_form_rel_err"][-1] < 1.0
+  for field, value, match in (("methods", "none,stepbaq", r"\['stepbaq'\] model each step"),
+                              ("spacing", "quadratic", "DPM-Solver\\+\\+ 2M takes one of"),
+                              ("eta", 0.5, "deterministic")):
+    bad = cfg.copy_and_resolve_references()
+    bad[field] = value
+    with pytest.raises(ValueError, match=match):
+      pipeline.validate(bad)

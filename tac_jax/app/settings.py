@@ -14,13 +14,14 @@ import ml_collections
 
 from tac_jax import compensation, files
 from tac_jax.app.stages import import_user_module, resolve_factory
-from tac_jax.diffusion import samplers
+from tac_jax.diffusion import multistep, samplers
 from tac_jax.diffusion.schedules import Schedule
 from tac_jax.models import checkpoint as ckpt_lib
 from tac_jax.quant import presets
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
-SAMPLER_KINDS = ("ddim", "ddpm")
+SAMPLER_KINDS = ("ddim", "ddpm", "dpm")   # dpm: DPM-Solver++ 2M (diffusers' defaults)
+DPM_SPACING = {"uniform": "linspace", "leading": "leading", "trailing": "trailing"}
 
 
 def parse_list(value, allowed=None, what="value") -> List[str]:
@@ -99,7 +100,23 @@ class SamplerSpec:
                 sample_max_value=self.sample_max_value)
 
   def build(self, schedule: Schedule) -> samplers.Sampler:
+    if self.kind == "dpm":
+      return multistep.dpm_solver_2m(schedule, self.num_steps, DPM_SPACING[self.spacing],
+                                     self.steps_offset)
     return samplers.make_sampler(self.kind, schedule, self.num_steps, self.eta, **self.options())
+
+
+def _check_dpm(spec: SamplerSpec) -> None:
+  """DPM-Solver++ 2M here is deterministic, unclipped, on diffusers' spacings."""
+  if spec.eta != 0.0:
+    raise ValueError(f"config.eta={spec.eta}: DPM-Solver++ 2M is deterministic; leave eta at 0.")
+  if spec.clip_sample or spec.thresholding or spec.linearise:
+    raise ValueError("config.clip_sample / thresholding / linearise apply to DDIM and DDPM "
+                     "only; turn them off for --config.sampler=dpm.")
+  if spec.spacing not in DPM_SPACING:
+    raise ValueError(f"config.spacing={spec.spacing!r}: DPM-Solver++ 2M takes one of "
+                     f"{sorted(DPM_SPACING)} (uniform = diffusers' linspace).")
+  multistep.check_num_steps(spec.num_steps)
 
 
 def sampler_spec(config, kind: str, num_steps: int, eta: float = 0.0) -> SamplerSpec:
@@ -107,7 +124,10 @@ def sampler_spec(config, kind: str, num_steps: int, eta: float = 0.0) -> Sampler
   spec = SamplerSpec(kind, num_steps, eta, config.spacing, config.steps_offset,
                      bool(config.clip_sample), config.thresholding, config.sample_max_value,
                      bool(config.get("linearise", False)))
-  samplers.check_sampler_args(kind, num_steps, eta, **spec.options())
+  if kind == "dpm":
+    _check_dpm(spec)
+  else:
+    samplers.check_sampler_args(kind, num_steps, eta, **spec.options())
   return spec
 
 
@@ -116,7 +136,8 @@ def parse_sampler(name: str) -> Tuple[str, int]:
   for kind in SAMPLER_KINDS:
     if name.startswith(kind) and name[len(kind):].isdigit():
       return kind, int(name[len(kind):])
-  raise ValueError(f"sampler {name!r}: use ddim<steps> or ddpm<steps>, e.g. ddim25.")
+  raise ValueError(f"sampler {name!r}: use ddim<steps>, ddpm<steps> or dpm<steps> "
+                   "(DPM-Solver++ 2M), e.g. ddim25.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +225,11 @@ def job_spec(config: ml_collections.ConfigDict) -> JobSpec:
   if default not in compensation.names():
     raise ValueError(f"config.default_method {default!r} is not a compensation method; choose "
                      f"one of {list(compensation.names())}.")
+  if config.sampler == "dpm":
+    one_step = [m for m in methods if not compensation.get(m).multistep]
+    if one_step:
+      raise ValueError(f"config.methods {one_step} model each step as x_next = a x + b eps and "
+                       "do not hold for the multistep --config.sampler=dpm; drop them.")
   if default not in methods:   # e.g. a short list of methods: show the last one
     default = methods[-1]
   return JobSpec(common=eval_spec(config, methods, ptq[0]),

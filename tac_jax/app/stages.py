@@ -207,8 +207,12 @@ class Compiled:
 
     def analyse(q, var_fp, noise):
       c = sampler.coeffs
-      phi = propagation.fit_channel_gains(joint(q, var_fp, noise.x_cal, noise.key_cal), c.a, c.b)
+      cal = joint(q, var_fp, noise.x_cal, noise.key_cal)
+      phi = propagation.fit_channel_gains(cal, c.a, c.b)
       trace = joint(q, var_fp, noise.x_eval, noise.key_eval)
+      if compensation.is_multistep(sampler):
+        return phi, propagation.multistep_report_arrays(
+            trace, c, *propagation.fit_channel_gains2(cal, c))
       return phi, propagation.report_arrays(trace, c.a, c.b, phi)
 
     self.run = jax.jit(run, static_argnums=(0, 1))

@@ -15,7 +15,8 @@ calibration scan and `Net`), `registry` (one `Method` per compensator), `calibra
 
 # Importing a method's module registers it; the order is the registry's (and reports').
 from tac_jax.compensation import least_squares, ptqd, tac, stepbaq, paper_m1, qncd, safe  # noqa: F401
-from tac_jax.compensation.calibrate import Calibration, calibrate, fit, fit_scan, online_sampler
+from tac_jax.compensation.calibrate import (Calibration, calibrate, fit, fit_scan, is_multistep,
+                                           online_sampler)
 from tac_jax.compensation.io import load_params, save_params
 from tac_jax.compensation.least_squares import FitConfig
 from tac_jax.compensation.online import CompensatedState, ErrorState, compensate, correction

@@ -43,7 +43,8 @@ def _context(fp: Net, q: Net, sampler: Sampler, method: registry.Method, options
   if not method.multistep and is_multistep(sampler):
     raise ValueError(f"{method.name} models each step as x_next = a x + b eps, but this sampler "
                      "also mixes the previous step's output (a multistep solver); use a "
-                     "method that supports it (none, tac, ptqd) or a DDIM / DDPM / Euler sampler.")
+                     "method that supports it (none, ptqd, tac, per_step, tcec, tcec_safe) or a DDIM / "
+                     "DDPM / Euler sampler.")
   if method.needs_schedule and sampler.schedule is None:
     raise ValueError(f"{method.name} re-derives the sampler's steps from its noise schedule, "
                      "but this sampler carries none: build it with samplers.ddim / ddpm / "

@@ -5,7 +5,13 @@ target at scan position i is
     D_i = (eps_q - eps) + (a_i / b_i) e_i
 
 (the correction that puts x_c back on the float trajectory at the next step), fitted per
-channel as D_i ~ K_i eps_q + beta_i (+ G_i e_hat) from sufficient statistics.
+channel as D_i ~ K_i eps_q + beta_i (+ G_i e_hat) from sufficient statistics. On a
+multistep sampler (x_{i+1} = a x_i + b eps_i + c eps_{i-1} + d x_{i-1}: DPM-Solver++ 2M,
+Heun) the same definition reads
+
+    D_i = (eps_q - eps) + [a_i e_i + c_i (eps_c,i-1 - eps_i-1) + d_i e_{i-1}] / b_i
+
+with the previous step's corrected and float outputs (`multistep.carried_difference`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from tac_jax.compensation.lstsq import (affine_stats, preserve_variance, solve_a
 from tac_jax.compensation.params import CorrectionParams
 from tac_jax.compensation.registry import Method, register
 from tac_jax.compensation.scan import FitContext, StepInputs
+from tac_jax.diffusion.multistep import carried_difference
 
 TARGETS = ("cumulative", "same_input")
 
@@ -52,7 +59,7 @@ def least_squares_fit(ctx: FitContext):
   def fit_step(s: StepInputs):
     eps_q = ctx.q(s.x_c, s.t)
     if fit.target == "cumulative":
-      D = (eps_q - s.eps_fp) + (c.a[s.i] / c.b[s.i]) * (s.x_c - s.x_fp)
+      D = (eps_q - s.eps_fp) + carried_difference(c, s.i, s.state_c, s.state_fp) / c.b[s.i]
     else:
       D = eps_q - ctx.fp(s.x_c, s.t)
     C = eps_q.shape[-1]
@@ -70,10 +77,12 @@ def least_squares_fit(ctx: FitContext):
 
 
 def register_least_squares(name: str, summary: str, config: FitConfig) -> Method:
-  """Registers a FitConfig preset as a method (its `sequential` decides the scan's)."""
+  """Registers a FitConfig preset as a method (its `sequential` decides the scan's). It
+  holds on multistep samplers unless it regresses on e_hat (a one-step recurrence)."""
   calls = 3 if config.target == "same_input" else 2
   return register(Method(name, summary, fit=least_squares_fit, options=config,
-                         sequential=None, calibration_calls=calls))
+                         sequential=None, calibration_calls=calls,
+                         multistep=not config.e_hat_regressor))
 
 
 register(Method("none", "no correction (plain PTQ)", calibration_calls=0, multistep=True))

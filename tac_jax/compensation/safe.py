@@ -305,4 +305,4 @@ def safe_run(ctx: FitContext, x_T, key, phi) -> Tuple[CorrectionParams, SafeRepo
 registry.register(registry.Method(
     SAFE_METHOD, "the default: tcec or tac at the strength validated on held-out calibration "
     "seeds, no correction when nothing is safely better", run=safe_run,
-    options=SafeConfig(), calibration_calls=2))
+    options=SafeConfig(), calibration_calls=2, multistep=True))

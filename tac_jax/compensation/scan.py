@@ -45,6 +45,7 @@ class StepInputs(NamedTuple):
   eps_q_prev: jax.Array   # eps_q of step i-1 on the compensated trajectory (0 at i = 0)
   aux: Any                # a method's own carried pytree (`Method.init_aux`, zeros like x)
   state_c: Any            # the compensated sampler state (x_c and its step-noise key)
+  state_fp: Any = None    # the float sampler state (a multistep sampler's previous x, eps)
 
 
 # fit_step(StepInputs) -> (step params, eps_q at the network input they imply, next aux).
@@ -89,7 +90,8 @@ def calibration_scan(fit_step: FitStep, ctx: FitContext, x_T, key, phi,
     x_in, t_in = network_input(sampler, s_fp, i)
     t = batch_timestep(t_in, x_T)
     eps_fp = fp(x_in, t)
-    p_i, eps_q, aux = fit_step(StepInputs(i, t, s_fp.x, s_c.x, eps_fp, e_hat, q_prev, aux, s_c))
+    p_i, eps_q, aux = fit_step(StepInputs(i, t, s_fp.x, s_c.x, eps_fp, e_hat, q_prev, aux, s_c,
+                                                s_fp))
     p_i = p_i.replace(phi=phi[i], timesteps=c.t[i])
     if sequential:
       s_c, e_hat, _ = corrected_step(sampler, p_i, i, s_c, eps_q, e_hat, q_prev)

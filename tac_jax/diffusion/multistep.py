@@ -114,6 +114,18 @@ def multistep_sampler(coeffs: MultistepCoeffs) -> Sampler:
   return Sampler(coeffs=coeffs, init=init, step=step)
 
 
+def carried_difference(coeffs, i, state, ref):
+  """What step i carries from the states `state` and `ref` into the difference of their
+  next samples, besides the network outputs of step i: a_i (x - x_ref) and, for a
+  multistep sampler, c_i (eps_prev - eps_prev_ref) + d_i (x_prev - x_prev_ref). With it,
+  step(state, eps).x - step(ref, eps_ref).x = carried + b_i (eps - eps_ref) exactly."""
+  out = coeffs.a[i] * (state.x - ref.x)
+  if isinstance(coeffs, MultistepCoeffs):
+    out = (out + coeffs.c[i] * (state.eps_prev - ref.eps_prev)
+           + coeffs.d[i] * (state.x_prev - ref.x_prev))
+  return out
+
+
 def dpm_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspace",
                   steps_offset: int = 0) -> np.ndarray:
   """DPMSolverMultistepScheduler.set_timesteps' timesteps (lambda_min_clipped = -inf).
