@@ -204,8 +204,10 @@ def multistep_report_arrays(trace: PropagationTrace, coeffs, phi, psi) -> Dict[s
   first-order step a e_i + d e_{i-1} + b (J_i e_i + d_i) + c (J_{i-1} e_{i-1} + d_{i-1})."""
   c, d = multistep_terms(coeffs)
   u = step_inputs(coeffs.b, c, trace.d)
-  closed = cumulative_error_solve2(phi, psi, u)
-  closed_j0 = cumulative_error_solve2(coeffs.a, d, u)
+  # the recurrence (equal to cumulative_error_solve2): two banded triangular solves in one
+  # jitted analysis hung XLA's CPU runtime on the default model (jax 0.10.2, 2 cores)
+  closed = cumulative_error_recurrence2(phi, psi, u)
+  closed_j0 = cumulative_error_recurrence2(coeffs.a, d, u)
   e, prev = trace.e, _previous
   one_step = (_bcast(coeffs.a, e) * e + _bcast(d, e) * prev(e)
               + _bcast(coeffs.b, e) * (trace.jvp + trace.d)
