@@ -25,6 +25,16 @@ def is_traced(x) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
+def is_integer(v) -> bool:
+  """A Python or numpy integer; a bool is not one (True would pass for 1)."""
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+  """A Python or numpy integer or float, not a bool (it may be inf or NaN)."""
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
 def check_finite_data(x, what: str = "calibration data") -> None:
   """Raises ValueError for empty or non-finite data (no-op on traced values)."""
   if is_traced(x):

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+from tac_jax.validate import is_integer, is_real
+
 SCHEDULES = ("linear", "cosine")
 SPACINGS = ("uniform", "linspace", "quadratic", "leading", "trailing")
 # The smallest alphas_cumprod a schedule may reach: sampler coefficients divide by sqrt(abar).
@@ -39,8 +41,7 @@ def check_num_steps(num_steps, num_timesteps=None, bound: str = "the schedule's 
                     ) -> int:
   """num_steps as an int; ValueError unless it is an integer >= 1 (bools are not) and, given
   `num_timesteps` (named `bound` in the error), at most that."""
-  if (isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer))
-      or num_steps < 1):
+  if not is_integer(num_steps) or num_steps < 1:
     raise ValueError(f"num_steps must be an integer >= 1 (the number of sampling steps), got "
                      f"{num_steps!r}.")
   if num_timesteps is not None and num_steps > num_timesteps:
@@ -49,22 +50,16 @@ def check_num_steps(num_steps, num_timesteps=None, bound: str = "the schedule's 
   return int(num_steps)
 
 
-def _is_number(v) -> bool:
-  return (not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
-          and math.isfinite(v))
-
-
 def check_schedule_args(name: str, num_timesteps: int, beta_start: float, beta_end: float,
                         cosine_s: float = 8e-3) -> None:
   """Raises ValueError naming the argument of `make_schedule` that cannot work."""
   if name not in SCHEDULES:
     raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}.")
-  if (isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer))
-      or num_timesteps < 2):
+  if not is_integer(num_timesteps) or num_timesteps < 2:
     raise ValueError(f"num_timesteps must be an integer >= 2 (the number of training "
                      f"timesteps, e.g. 1000), got {num_timesteps!r}.")
   for field, v in (("beta_start", beta_start), ("beta_end", beta_end), ("cosine_s", cosine_s)):
-    if not _is_number(v):
+    if not (is_real(v) and math.isfinite(v)):
       raise ValueError(f"{field} must be a finite number, got {v!r}.")
 
 

@@ -37,6 +37,7 @@ from tac_jax.diffusion.schedules import make_schedule
 from tac_jax.models import checkpoint
 from tac_jax.models import torch_weights
 from tac_jax.models.unet import UNet, UNetConfig
+from tac_jax.validate import is_integer
 
 CONFIG_NAME = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -296,7 +297,7 @@ def schedule_from_config(path: str) -> Dict[str, Any]:
     raise ValueError(f"{where}: prediction_type {s['prediction_type']!r}; only epsilon "
                      "prediction is supported.")
   T = s.get("num_train_timesteps", 1000)
-  if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+  if not is_integer(T) or T < 2:
     raise ValueError(f"{where}: num_train_timesteps must be an integer >= 2, got {T!r}.")
   out = {"name": BETA_SCHEDULES[kind], "num_timesteps": T}
   if kind == "linear":
