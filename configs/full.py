@@ -7,16 +7,11 @@ out (paper_m1, qncd, per_step). About 20 minutes on 2 CPU cores per model.
       --config.checkpoint=tac_jax/assets/gray28_model --config.spacing=leading
 """
 
-import importlib.util
-import os
+from tac_jax.config_utils import sibling_config
 
 
 def get_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quantize.py")
-  spec = importlib.util.spec_from_file_location("configs_quantize", path)
-  base = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(base)
-  c = base.get_config()
+  c = sibling_config(__file__, "quantize.py")
   c.methods = "none,ptqd,tac,stepbaq,paper_m1,qncd,per_step,tcec,tcec_safe"
   c.timing_repeats = 4
   return c

@@ -9,11 +9,15 @@ from tac_jax.quant import presets
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.model = ""                      # any Flax eps model: "package.module:factory" (README)
+  c.model = ""                      # any Flax eps / flow model: "package.module:factory" (README)
   c.plugins = ""                    # modules to import first (e.g. registering a compensator)
-  c.checkpoint = ""                 # model directory; "" = the embedded default model
+  c.checkpoint = ""                 # model directory or shipped name; "" = the embedded default model
+  # Class-conditional checkpoints (e.g. dit_flow): classifier-free guidance scale (None = the
+  # model's own) and the requested classes, a comma list cycled over the samples ("" = all).
+  c.guidance_scale = ml_collections.config_dict.placeholder(float)
+  c.labels = ""
   c.seed = 0                        # calibration and evaluation noise derive from this
-  c.sampler = "ddim"                # 'ddim', 'ddpm' or 'dpm' (DPM-Solver++ 2M)
+  c.sampler = "ddim"                # 'ddim', 'ddpm', 'dpm' (DPM-Solver++ 2M); flow models: 'euler', 'heun'
   c.num_steps = 20
   c.eta = 0.0
   c.spacing = "uniform"             # uniform (= diffusers' linspace), quadratic, leading, trailing
@@ -21,6 +25,7 @@ def get_config():
   c.clip_sample = False             # clip the x0 estimate to [-1, 1] (diffusers' clip_sample)
   c.thresholding = 0.0              # dynamic thresholding quantile, e.g. 0.995; 0 = off
   c.sample_max_value = 1.0          # its largest threshold (diffusers' sample_max_value)
+  c.shift = 0.0                     # flow samplers' sigma shift (SD3: 3.0); 0 = the model's own
   c.linearise = False               # with an x0 bound: error model from the step's mean jvp (README)
   c.num_calib = 64                  # calibration seeds (PTQ ranges and TCEC fits)
   c.num_eval = 128                  # held-out evaluation seeds (also the FD sample sets)

@@ -6,16 +6,11 @@ configs/quantize.py is the real setting.
   python experiments/quantize.py --config=configs/quick.py --outdir=runs/quick
 """
 
-import importlib.util
-import os
+from tac_jax.config_utils import sibling_config
 
 
 def get_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quantize.py")
-  spec = importlib.util.spec_from_file_location("configs_quantize", path)
-  base = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(base)
-  c = base.get_config()
+  c = sibling_config(__file__, "quantize.py")
   c.num_steps = 10
   c.num_calib = 16
   c.num_eval = 16

@@ -1,8 +1,9 @@
-"""Train a diffusion UNet.
+"""Train a diffusion UNet or DiT (epsilon or flow matching, optionally class-conditional).
 
   python experiments/train.py --config=configs/default_model.py --workdir=runs/default \
       [--export_dir=runs/default_export] [--figure=docs/default_model_samples.png] \
       [--config.num_train_steps=500]
+  python experiments/train.py --config=configs/dit_flow_model.py --workdir=runs/dit_flow
 
 Checkpoints and a sample grid go to --workdir (a run there resumes). --export_dir, if given,
 receives the EMA params as a model folder: it must be new, or an earlier export (it holds
@@ -14,29 +15,17 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import flags
 
 from tac_jax import files
 from tac_jax.app import launch
 from tac_jax.app import train as train_lib
 from tac_jax.app import viz
-from tac_jax.diffusion import samplers
 
 _CONFIG = launch.define_config("config", "configs/default_model.py", "Training config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default_model", "Checkpoints and samples go here.")
 _EXPORT = flags.DEFINE_string("export_dir", None, "Also export the EMA params as a model dir.")
 _FIGURE = flags.DEFINE_string("figure", None, "Also write the sample grid (PNG) to this path.")
-
-
-def _sample_grid(config, out):
-  sched = train_lib.schedule_from_config(config)
-  sampler = samplers.ddim(sched, config.sample_steps, spacing=config.get("sample_spacing", "uniform"))
-  mc = train_lib.model_config(config)
-  key = jax.random.key(config.seed + 1)
-  x_T = jax.random.normal(key, (config.num_samples, mc.sample_size, mc.sample_size, mc.in_channels))
-  run = jax.jit(lambda p, x, k: samplers.sample(out["module"].apply, {"params": p}, sampler, x, k)[0].x)
-  return jnp.clip(run(out["params"], x_T, key), -1, 1)
 
 
 def main():
@@ -51,11 +40,11 @@ def main():
   out = train_lib.train(config, _WORKDIR.value, export_dir=export)
   minutes = (time.time() - t0) / 60
   print(f"training took {minutes:.1f} min on {jax.device_count()} {jax.devices()[0].platform} device(s)")
-  imgs = _sample_grid(config, out)
+  imgs, cols = train_lib.sample_grid(config, out)
   if jax.process_index() != 0:
     return
   for p in [os.path.join(_WORKDIR.value, "samples.png")] + ([_FIGURE.value] if _FIGURE.value else []):
-    viz.save_grid(p, imgs, cols=8)
+    viz.save_grid(p, imgs, cols=cols)
     print(f"wrote {p}")
 
 

@@ -161,9 +161,10 @@ def test_a_diverging_run_stops_naming_the_step_and_exports_nothing(cause, tmp_pa
 
 
 def _poison(data):
-  data = data.copy()
-  data[::7] = np.nan
-  return data
+  images, labels = data
+  images = images.copy()
+  images[::7] = np.nan
+  return images, labels
 
 
 def test_non_finite_final_params_are_refused():

@@ -1,4 +1,4 @@
-"""The main job: quantize a diffusion UNet, calibrate compensation, evaluate against float.
+"""The main job: quantize a diffusion model, calibrate compensation, evaluate against float.
 
 For every base-PTQ preset x setting (W8A8, W4A8, W4A4), through the shared `stages`:
   1. PTQ: quantize the model, with activation ranges from the float sampler's
@@ -58,6 +58,8 @@ class _Context:
   ref: stages.FloatReference
   comp_only: Any
   fd: Optional[FrechetReference]
+  labels: Optional[np.ndarray] = None      # the evaluation samples' requested classes
+  float_label_accuracy: Optional[float] = None
   samples: Dict[Any, np.ndarray] = dataclasses.field(default_factory=dict)
   features: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
@@ -76,9 +78,12 @@ def _sampler(job: JobSpec, model: Model, noise: Noise, log) -> samplers.Sampler:
 def set_up(job: JobSpec, log: Progress) -> _Context:
   """Model, sampler, seeds (sharded when data parallel) and the float reference."""
   common = job.common
-  model = stages.load_model(common.model.checkpoint, common.model.factory)
+  spec = common.model
+  model = stages.load_model(spec.checkpoint, spec.factory, spec.guidance_scale, spec.labels)
   log(f"model {model.checkpoint}: {sum(x.size for x in jax.tree.leaves(model.params)):,} params, "
-      f"{'x'.join(map(str, model.shape))}")
+      f"{'x'.join(map(str, model.shape))}, {model.prediction} prediction"
+      + (f", classes {list(model.labels)} guided at w = {model.module.scale:g}"
+         if model.labels is not None else ""))
   noise = stages.seed_noise(job.seed, common.num_calib, common.num_eval, model.shape)
   model, noise = stages.shard_noise(common, model, noise, log)
   sampler = _sampler(job, model, noise, log)
@@ -90,9 +95,14 @@ def set_up(job: JobSpec, log: Progress) -> _Context:
   data_name = model.meta.get("data", {}).get("name")
   fd = (FrechetReference.build(ref.x, data_name, common.fd_data_seed)
         if job.frechet and data_name is not None else None)
+  labels = model.requested_labels(common.num_eval)
   if fd is not None:
     log(f"Frechet distance of the float model's samples to data: {fd.floor:.1f}")
-  ctx = _Context(job, log, model, jit, noise, calib, ref, stages.compensation_only(sampler), fd)
+  ctx = _Context(job, log, model, jit, noise, calib, ref, stages.compensation_only(sampler), fd,
+                 labels)
+  if fd is not None and labels is not None:
+    ctx.float_label_accuracy = fd.label_accuracy(ref.x, labels)
+    log(f"label accuracy of the float model's samples: {100 * ctx.float_label_accuracy:.1f}%")
   ctx.samples["float"] = to_host(ref.x)  # a gather: every process calls it
   return ctx
 
@@ -100,7 +110,8 @@ def set_up(job: JobSpec, log: Progress) -> _Context:
 def _method_entry(ctx: _Context, qm, where, cal: compensation.Calibration, mem) -> Dict[str, Any]:
   """Evaluation of one fitted method: metrics, samples kept for the grids, int path."""
   noise, (setting, obs) = ctx.noise, where
-  m = stages.evaluate(ctx.jit, qm, cal, noise.x_eval, noise.key_eval, ctx.ref, ctx.fd)
+  m = stages.evaluate(ctx.jit, qm, cal, noise.x_eval, noise.key_eval, ctx.ref, ctx.fd,
+                      ctx.labels)
   ctx.samples[(setting, obs, cal.method)] = m.pop("x")
   if "features" in m:   # kept for paired bootstrap intervals (experiments/leaderboard.py)
     ctx.features[f"{setting}/{obs}/{cal.method}"] = m.pop("features")
@@ -162,6 +173,9 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
   _flag_divergence(entries, lambda m: log(f"WARNING {tag}: {m}"))
   log(f"{tag}: PSNR vs float (dB): " + ", ".join(
       f"{m} {by_method[m]['psnr_fake']['mean']:.2f}" for m in job.common.methods))
+  if "label_accuracy" in entries[0]:
+    log(f"{tag}: label accuracy: " + ", ".join(
+        f"{m} {100 * by_method[m]['label_accuracy']:.1f}%" for m in job.common.methods))
   return entries
 
 
@@ -228,7 +242,8 @@ def run(config: ml_collections.ConfigDict, outdir: str, verbose: bool = True,
       "config": config.to_dict(), "checkpoint": ctx.model.checkpoint,
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "processes": jax.process_count(),
-      "fd_float_vs_data": ctx.fd.floor if ctx.fd is not None else None, "runs": [],
+      "fd_float_vs_data": ctx.fd.floor if ctx.fd is not None else None,
+      "label_accuracy_float": ctx.float_label_accuracy, "runs": [],
       "grids": {f"{s}_{o}": os.path.join(outdir, f"grid_{s}_{o}.png")
                 for o in job.ptq for s in job.common.settings}}
   staged = files.staged_directory(outdir, files.MANIFEST, "results") if writer else contextlib.nullcontext(None)

@@ -58,13 +58,15 @@ def _method_label(r: Dict[str, Any]) -> str:
   return name + (" **diverged**" if r.get("diverged") else "")
 
 
-def _main_row(r: Dict[str, Any], base_psnr: float, has_fd: bool) -> List[str]:
+def _main_row(r: Dict[str, Any], base_psnr: float, has_fd: bool, has_acc: bool) -> List[str]:
   pf, plain = r["psnr_fake"], r["method"] == "none"
   cells = [r["setting"], r["ptq"], _method_label(r), f"{pf['mean']:.2f} ± {pf['std']:.2f}",
            "-" if plain else f"{pf['mean'] - base_psnr:+.2f}", f"{r['ssim_fake']['mean']:.3f}",
            f"{r['std_ratio']:.3f}", f"{r['sharpness_ratio']:.3f}"]
   if has_fd:
     cells += [f"{r['fd_vs_float']:.1f}", f"{r['fd_vs_data']:.1f}"]
+  if has_acc:
+    cells.append(f"{100 * r['label_accuracy']:.1f}%" if "label_accuracy" in r else "-")
   t, mem = r.get("timing"), r["memory_bytes"]
   cells += [f"{r['psnr_int']['mean']:.2f}" if "psnr_int" in r else "-",
             "-" if plain else f"{r['calibration_s']:.1f}",
@@ -87,15 +89,20 @@ def results_table(results: Dict[str, Any]) -> str:
   """Markdown: every setting x PTQ preset x method with fidelity, quality and cost columns."""
   runs = results["runs"]
   has_fd = any("fd_vs_data" in r for r in runs)
+  has_acc = any("label_accuracy" in r for r in runs)
   header = (["setting", "PTQ", "method", "PSNR (dB)", "gain (dB)", "SSIM", "std ratio",
              "sharpness ratio"] + (["FD vs float", "FD vs data"] if has_fd else [])
+            + (["label acc."] if has_acc else [])
             + ["PSNR int (dB)", "calib. (s)", "overhead (A/B, ops)", "weights (MB)"])
   base = {(r["setting"], r["ptq"]): r["psnr_fake"]["mean"] for r in runs
           if r["method"] == "none"}
-  lines = markdown_table(header, (_main_row(r, base[(r["setting"], r["ptq"])], has_fd)
+  lines = markdown_table(header, (_main_row(r, base[(r["setting"], r["ptq"])], has_fd, has_acc)
                                   for r in runs))
   if results.get("fd_float_vs_data") is not None:
     lines.append(f"\nFloat model's own FD vs data: {results['fd_float_vs_data']:.1f}.")
+  if results.get("label_accuracy_float") is not None:
+    lines.append(f"Float model's label accuracy (the shipped classifier's class = the "
+                 f"requested one): {100 * results['label_accuracy_float']:.1f}%.")
   return "\n".join(lines) + "\n"
 
 

@@ -14,13 +14,16 @@ import ml_collections
 
 from tac_jax import compensation, files
 from tac_jax.app.stages import import_user_module, resolve_factory
-from tac_jax.diffusion import multistep, samplers
-from tac_jax.diffusion.schedules import Schedule
+from tac_jax.diffusion import flow, guidance, multistep, samplers
 from tac_jax.models import checkpoint as ckpt_lib
 from tac_jax.quant import presets
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
-SAMPLER_KINDS = ("ddim", "ddpm", "dpm")   # dpm: DPM-Solver++ 2M (diffusers' defaults)
+# dpm: DPM-Solver++ 2M (diffusers' defaults); euler / heun: flow matching (diffusers'
+# FlowMatchEuler / FlowMatchHeun DiscreteScheduler), for models trained by flow matching.
+SAMPLER_KINDS = ("ddim", "ddpm", "dpm", "euler", "heun")
+FLOW_KINDS = ("euler", "heun")
+MULTISTEP_KINDS = ("dpm", "heun")
 DPM_SPACING = {"uniform": "linspace", "leading": "leading", "trailing": "trailing"}
 
 
@@ -89,6 +92,7 @@ class SamplerSpec:
   thresholding: float = 0.0
   sample_max_value: float = 1.0
   linearise: bool = False          # with an x0 bound: error model from the step's mean jvp
+  shift: float = 0.0               # flow samplers' sigma shift; 0: the model's own
 
   @property
   def name(self) -> str:
@@ -99,7 +103,21 @@ class SamplerSpec:
                 clip_sample=self.clip_sample, thresholding=self.thresholding,
                 sample_max_value=self.sample_max_value)
 
-  def build(self, schedule: Schedule) -> samplers.Sampler:
+  def build(self, schedule) -> samplers.Sampler:
+    """The sampler on the model's `Schedule` (DDPM family) or `flow.FlowConfig`; a sampler
+    of the other family is refused naming the ones that fit."""
+    is_flow = isinstance(schedule, flow.FlowConfig)
+    if self.kind in FLOW_KINDS:
+      if not is_flow:
+        raise ValueError(f"config.sampler={self.kind!r} integrates a flow-matching velocity, "
+                         "but this model predicts noise on a DDPM schedule; use ddim, ddpm or "
+                         "dpm.")
+      make = flow.flow_euler if self.kind == "euler" else flow.flow_heun
+      return make(self.num_steps, self.shift or schedule.shift, schedule.num_train_timesteps)
+    if is_flow:
+      raise ValueError(f"config.sampler={self.kind!r} needs a noise-prediction model on a DDPM "
+                       "schedule, but this model was trained by flow matching; use "
+                       "--config.sampler=euler (or heun).")
     if self.kind == "dpm":
       return multistep.dpm_solver_2m(schedule, self.num_steps, DPM_SPACING[self.spacing],
                                      self.steps_offset)
@@ -119,12 +137,40 @@ def _check_dpm(spec: SamplerSpec) -> None:
   multistep.check_num_steps(spec.num_steps)
 
 
+def _check_flow(spec: SamplerSpec) -> None:
+  """Flow samplers here are deterministic, unclipped, on diffusers' shifted sigmas."""
+  if spec.eta != 0.0:
+    raise ValueError(f"config.eta={spec.eta}: the flow samplers are deterministic; leave eta at 0.")
+  if spec.clip_sample or spec.thresholding or spec.linearise:
+    raise ValueError("config.clip_sample / thresholding / linearise apply to DDIM and DDPM "
+                     f"only; turn them off for --config.sampler={spec.kind}.")
+  if spec.spacing != "uniform" or spec.steps_offset:
+    raise ValueError(f"config.spacing / steps_offset are DDPM-family options; the flow grid "
+                     f"is set by config.shift (got spacing={spec.spacing!r}, steps_offset="
+                     f"{spec.steps_offset}).")
+  if spec.shift:
+    flow.flow_config(shift=spec.shift)
+  flow.flow_sigmas(spec.num_steps)   # checks num_steps
+  if spec.kind == "heun":
+    multistep.check_num_steps(spec.num_steps)
+
+
 def sampler_spec(config, kind: str, num_steps: int, eta: float = 0.0) -> SamplerSpec:
   """The sampler `kind` with `num_steps` and the config's diffusers options, checked."""
+  shift = config.get("shift", 0.0)
+  if isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift < 0:
+    raise ValueError(f"config.shift must be a number > 0 (0: the model's own), got {shift!r}.")
   spec = SamplerSpec(kind, num_steps, eta, config.spacing, config.steps_offset,
                      bool(config.clip_sample), config.thresholding, config.sample_max_value,
-                     bool(config.get("linearise", False)))
-  if kind == "dpm":
+                     bool(config.get("linearise", False)), float(shift))
+  if kind not in SAMPLER_KINDS:
+    raise ValueError(f"config.sampler={kind!r}: choose one of {list(SAMPLER_KINDS)}.")
+  if kind in FLOW_KINDS:
+    _check_flow(spec)
+  elif spec.shift:
+    raise ValueError(f"config.shift={spec.shift} is for the flow samplers (euler, heun); "
+                     f"leave it at 0 for {kind}.")
+  elif kind == "dpm":
     _check_dpm(spec)
   else:
     samplers.check_sampler_args(kind, num_steps, eta, **spec.options())
@@ -136,8 +182,8 @@ def parse_sampler(name: str) -> Tuple[str, int]:
   for kind in SAMPLER_KINDS:
     if name.startswith(kind) and name[len(kind):].isdigit():
       return kind, int(name[len(kind):])
-  raise ValueError(f"sampler {name!r}: use ddim<steps>, ddpm<steps> or dpm<steps> "
-                   "(DPM-Solver++ 2M), e.g. ddim25.")
+  raise ValueError(f"sampler {name!r}: use ddim<steps>, ddpm<steps>, dpm<steps> "
+                   "(DPM-Solver++ 2M), euler<steps> or heun<steps> (flow models), e.g. ddim25.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,12 +192,29 @@ class ModelSpec:
   directory ("" = the shipped default model)."""
   factory: str = ""
   checkpoint: str = ""
+  guidance_scale: Optional[float] = None   # class-conditional checkpoints: None = the model's
+  labels: Optional[Tuple[int, ...]] = None  # requested classes, cycled; None = every class
 
 
 def model_spec(config) -> ModelSpec:
-  spec = ModelSpec(config.get("model", "") or "", config.checkpoint or "")
+  """The model fields, checked; a checkpoint may be a shipped model's name (e.g. dit_flow)."""
+  checkpoint = config.checkpoint or ""
+  if checkpoint and not config.get("model", ""):
+    checkpoint = ckpt_lib.pretrained_dir(checkpoint)
+  scale = config.get("guidance_scale", None)
+  if scale is not None and scale != "":
+    scale = guidance.check_scale(scale)
+  else:
+    scale = None
+  labels = config.get("labels", "") or ""
+  labels = parse_ints(labels, "config.labels", 0) if str(labels).strip() else None
+  spec = ModelSpec(config.get("model", "") or "", checkpoint, scale, labels)
   if spec.factory:
     resolve_factory(spec.factory)
+    if scale is not None or labels is not None:
+      raise ValueError("config.guidance_scale / config.labels apply to shipped or trained "
+                       "class-conditional checkpoints; a factory sets its own guidance "
+                       "(models.dit_factory.make_guided_factory).")
   else:
     files.load_meta(spec.checkpoint or ckpt_lib.default_model_dir())
   return spec
@@ -225,11 +288,18 @@ def job_spec(config: ml_collections.ConfigDict) -> JobSpec:
   if default not in compensation.names():
     raise ValueError(f"config.default_method {default!r} is not a compensation method; choose "
                      f"one of {list(compensation.names())}.")
-  if config.sampler == "dpm":
+  if config.sampler in MULTISTEP_KINDS:
     one_step = [m for m in methods if not compensation.get(m).multistep]
     if one_step:
       raise ValueError(f"config.methods {one_step} model each step as x_next = a x + b eps and "
-                       "do not hold for the multistep --config.sampler=dpm; drop them.")
+                       f"do not hold for the multistep --config.sampler={config.sampler}; drop "
+                       "them.")
+  if config.sampler in FLOW_KINDS:
+    ddpm_only = [m for m in methods if compensation.get(m).needs_schedule]
+    if ddpm_only:
+      raise ValueError(f"config.methods {ddpm_only} re-derive the sampler's steps from a DDPM "
+                       f"noise schedule, which the flow sampler {config.sampler!r} has not; "
+                       "drop them.")
   if default not in methods:   # e.g. a short list of methods: show the last one
     default = methods[-1]
   return JobSpec(common=eval_spec(config, methods, ptq[0]),

@@ -28,12 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from tac_jax import compensation, data, metrics, parallel, quant
-from tac_jax.diffusion import samplers
-from tac_jax.diffusion.schedules import Schedule, make_schedule
+from tac_jax.diffusion import flow, samplers
+from tac_jax.diffusion.schedules import make_schedule
 from tac_jax.compensation import propagation
 from tac_jax.host import to_host
 from tac_jax.metrics import frechet
 from tac_jax.models import checkpoint as ckpt_lib
+from tac_jax.models import dit_factory
 from tac_jax.validate import check_applies
 
 
@@ -68,19 +69,33 @@ class Memo:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
-  """A float epsilon-prediction model: a Flax module called as
-  `module.apply({"params": params}, x, t)` with x [B, H, W, C] and t int32 [B], its
-  diffusion schedule, the image shape (H, W, C) and a description."""
+  """A float model: a Flax module (or an object with its `apply`) called as
+  `module.apply({"params": params}, x, t)` with x [B, H, W, C] and t [B], and what it was
+  trained with: a DDPM `Schedule` (it predicts the noise, t int32) or a `flow.FlowConfig`
+  (it predicts the velocity eps - x0, t = s T float32); the image shape (H, W, C) and a
+  description. A class-conditional model guided at a fixed scale (`models.dit_factory`)
+  has `labels`: sample i is asked for class labels[i % len(labels)]."""
   module: Any
   params: Any
-  schedule: Schedule
+  schedule: Any
   meta: Dict[str, Any]
   checkpoint: str
   shape: Tuple[int, int, int]
+  labels: Optional[Tuple[int, ...]] = None
 
   @property
   def channels(self) -> int:
     return self.shape[-1]
+
+  @property
+  def prediction(self) -> str:
+    return "flow" if isinstance(self.schedule, flow.FlowConfig) else "epsilon"
+
+  def requested_labels(self, num: int) -> Optional[np.ndarray]:
+    """[num] the class each of `num` samples is asked for (None: unconditional)."""
+    if self.labels is None:
+      return None
+    return np.asarray(self.labels)[np.arange(num) % len(self.labels)]
 
   @property
   def variables(self):
@@ -91,17 +106,41 @@ class Model:
     return compensation.Net(self.module.apply, self.variables)
 
 
-def load_model(checkpoint: str = "", factory: str = "") -> Model:
-  """A UNet checkpoint directory ("" = the shipped default model), or any Flax model from
-  `factory` = "package.module:function" (see `model_from_factory`)."""
+def schedule_of(meta: Dict[str, Any]):
+  """A checkpoint's `flow.FlowConfig` (flow objective) or DDPM `Schedule` (make_schedule's
+  defaults when its model.json records none)."""
+  if meta.get("objective", "epsilon") == "flow":
+    return flow.flow_config(**meta.get("flow", {}))
+  return make_schedule(**meta.get("schedule", {}))
+
+
+def load_model(checkpoint: str = "", factory: str = "", guidance_scale: Optional[float] = None,
+               labels: Optional[Tuple[int, ...]] = None) -> Model:
+  """A checkpoint directory or shipped name ("" = the shipped default model; UNet or DiT,
+  epsilon or flow),
+  or any Flax model from `factory` = "package.module:function" (see `model_from_factory`).
+
+  A class-conditional DiT checkpoint is guided (classifier-free, one batched call) at
+  `guidance_scale` (None: the scale its model.json records, else 1) on `labels` (None:
+  every class), sample i asking for labels[i % len(labels)]."""
   if factory:
     return model_from_factory(factory)
+  if checkpoint in ckpt_lib.SHIPPED:
+    checkpoint = ckpt_lib.pretrained_dir(checkpoint)
   directory = checkpoint or ckpt_lib.default_model_dir()
   module, params, meta = ckpt_lib.load_model(directory)
-  schedule = make_schedule(**meta.get("schedule", {}))  # make_schedule's defaults otherwise
   c = module.config
-  return Model(module, params, schedule, meta, directory,
-               (c.sample_size, c.sample_size, c.in_channels))
+  shape = (c.sample_size, c.sample_size, c.in_channels)
+  if getattr(c, "class_conditional", False):
+    scale = meta.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+    labels = tuple(range(c.num_embeds_ada_norm)) if labels is None else labels
+    module = dit_factory.guided_module(c, labels, scale)
+    params = {"dit": params}
+    labels = module.labels
+  elif labels is not None:
+    raise ValueError(f"config.labels: {directory} holds an unconditional model; leave labels "
+                     "empty.")
+  return Model(module, params, schedule_of(meta), meta, directory, shape, labels)
 
 
 def import_user_module(name: str, what: str):
@@ -131,9 +170,12 @@ def resolve_factory(spec: str) -> Callable[[], Any]:
 
 def model_from_factory(spec: str) -> Model:
   """Calls the factory, which returns (module, params, schedule, shape): a Flax module
-  called as `module.apply({"params": params}, x, t)` (x [B, H, W, C], t int32 [B]) that
-  predicts the noise, its float params, the make_schedule(...) keyword dict of its
-  training schedule, and the image shape (H, W, C)."""
+  called as `module.apply({"params": params}, x, t)` (x [B, H, W, C], t [B]), its float
+  params, what it was trained with, and the image shape (H, W, C). The schedule is either
+  the make_schedule(...) keyword dict of a noise-prediction model (t int32), or a flow
+  declaration {"type": "flow", ...} of a velocity model (`flow.flow_model`: its time
+  scale, which end is noise, the velocity's sign; t float32). A module with a `labels`
+  attribute (a guided DiT, `models.dit_factory`) is class-conditional."""
   out = resolve_factory(spec)()
   if not isinstance(out, tuple) or len(out) != 4:
     raise ValueError(f"model factory {spec!r} must return (module, params, schedule dict, "
@@ -142,14 +184,25 @@ def model_from_factory(spec: str) -> Model:
   shape = tuple(int(v) for v in shape)
   if len(shape) != 3:
     raise ValueError(f"model factory {spec!r}: the image shape must be (H, W, C), got {shape}.")
+  labels = getattr(module, "labels", None)
+  if flow.is_flow_declaration(schedule):
+    try:
+      schedule, module = flow.flow_model(schedule, module)
+    except ValueError as e:
+      raise ValueError(f"model factory {spec!r}: {e}") from None
+    t0 = jnp.full((1,), float(schedule.num_train_timesteps), jnp.float32)
+  else:
+    schedule = make_schedule(**dict(schedule))
+    t0 = jnp.zeros((1,), jnp.int32)
   x = jnp.zeros((1,) + shape)
-  y = check_applies(module.apply, {"params": params}, (x, jnp.zeros((1,), jnp.int32)),
+  y = check_applies(module.apply, {"params": params}, (x, t0),
                     f"model factory {spec!r}", "the factory's params must be its module's, and "
                     "its image shape (H, W, C) the module's input")
   if y.shape != x.shape:
-    raise ValueError(f"model factory {spec!r}: the model maps {x.shape} to {y.shape}; an "
-                     "epsilon-prediction model returns its input's shape.")
-  return Model(module, params, make_schedule(**dict(schedule)), {"factory": spec}, spec, shape)
+    raise ValueError(f"model factory {spec!r}: the model maps {x.shape} to {y.shape}; a "
+                     "noise or velocity prediction has its input's shape.")
+  return Model(module, params, schedule, {"factory": spec}, spec, shape,
+               None if labels is None else tuple(labels))
 
 
 class Noise(NamedTuple):
@@ -238,10 +291,11 @@ def float_reference(jit: Compiled, model: Model, x_T, key) -> FloatReference:
 
 
 def calibration_batches(jit: Compiled, model: Model, noise: Noise) -> List[Any]:
-  """(x_t, t) batches of the float sampler's trajectories on the calibration seeds."""
+  """(x_t, t) batches of the float sampler's trajectories on the calibration seeds, t as
+  the network gets it (an int, or a float for flow samplers)."""
   _, traj, _ = jit.sample(model.module.apply, model.variables, jit.none, noise.x_cal,
                           noise.key_cal)
-  return samplers.calibration_batches(traj, jit.sampler.coeffs)
+  return samplers.calibration_batches(traj, jit.sampler)
 
 
 def quantize(model: Model, calib, qconfig: quant.QuantConfig) -> quant.QuantizedModel:
@@ -292,10 +346,12 @@ def stats(values) -> Dict[str, float]:
 
 
 def evaluate(jit: Compiled, qm: quant.QuantizedModel, cal: compensation.Calibration, x_T, key,
-             ref: FloatReference, fd: Optional["FrechetReference"] = None) -> Dict[str, Any]:
+             ref: FloatReference, fd: Optional["FrechetReference"] = None,
+             labels: Optional[np.ndarray] = None) -> Dict[str, Any]:
   """Samples with `cal` (fake-quant) and compares with the float samples on the same
   noise: PSNR / SSIM ({mean, std} over samples), contrast and sharpness ratios, per-step
-  error RMS, Frechet distances when `fd` is given (with the samples' "features"), and the
+  error RMS, Frechet distances when `fd` is given (with the samples' "features"), the
+  label accuracy when `labels` (each sample's requested class) are given too, and the
   samples themselves ("x", on the host)."""
   x_q, traj, _ = jit.sample(qm.apply_fn("fake"), qm.variables, cal, x_T, key)
   p, s, q = _sample_metrics(x_q, ref.x)
@@ -306,6 +362,8 @@ def evaluate(jit: Compiled, qm: quant.QuantizedModel, cal: compensation.Calibrat
          "x": to_host(x_q)}
   if fd is not None:
     out.update(fd.distances(out["x"]))
+    if labels is not None:
+      out["label_accuracy"] = fd.label_accuracy(out["x"], labels)
   return out
 
 
@@ -331,6 +389,10 @@ class FrechetReference:
 
   def features(self, x) -> np.ndarray:
     return self.extractor(np.clip(to_host(x), -1, 1))
+
+  def label_accuracy(self, x, labels) -> float:
+    """Share of the samples `x` the classifier assigns to their requested `labels`."""
+    return frechet.label_accuracy(self.extractor.classify(np.clip(to_host(x), -1, 1)), labels)
 
   def distances(self, x) -> Dict[str, Any]:
     """FD vs float and vs data, and the features they came from ("features")."""

@@ -178,7 +178,8 @@ def _ablations(s: _Setup, qm, noise, refs, setting: str, where) -> List[Dict[str
 
 
 def _set_up(spec: SweepSpec, log: Progress) -> _Setup:
-  model = stages.load_model(spec.common.model.checkpoint, spec.common.model.factory)
+  m = spec.common.model
+  model = stages.load_model(m.checkpoint, m.factory, m.guidance_scale, m.labels)
   compiled = {sp.name: Compiled(model, sp.build(model.schedule)) for sp in spec.samplers}
   s = _Setup(spec, log, model, compiled, Memo(), None)
   return s._replace(fd=_fd_reference(s)) if spec.fd_methods else s

@@ -1,1 +1,1 @@
-from tac_jax.data.datasets import digit_labels, digits, load, shapes
+from tac_jax.data.datasets import DATASETS, LABELLED, digit_labels, digits, labels, load, shapes

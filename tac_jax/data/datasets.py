@@ -14,7 +14,8 @@ import jax
 import numpy as np
 from sklearn.datasets import load_digits  # ships the data file; no download
 
-DATASETS = ("digits", "shapes")
+DATASETS = ("digits", "digits_gray", "shapes")
+LABELLED = ("digits", "digits_gray")   # data sets with class labels (`labels`)
 
 
 def _gray_digits(size: int) -> np.ndarray:
@@ -58,6 +59,15 @@ def shapes(num: int = 2048, size: int = 16, seed: int = 0) -> np.ndarray:
   color = rng.uniform(0.4, 1.0, (num, 1, 1, 3))
   img = np.where(m, color, img)
   return (img * 2.0 - 1.0).astype(np.float32)
+
+
+def labels(name: str):
+  """[N] int32 class labels of data set `name` in `load`'s order, or None if it has none."""
+  if name in LABELLED:
+    return digit_labels()
+  if name in DATASETS:
+    return None
+  raise ValueError(f"unknown data set {name!r}; choose one of {list(DATASETS)}.")
 
 
 def load(name: str, size: int = 16, seed: int = 0, num: int = 2048) -> np.ndarray:

@@ -29,8 +29,9 @@ int32 for bookkeeping only (calibration batches, correction params, logs), since
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,29 @@ import numpy as np
 from tac_jax.diffusion.multistep import multistep_coeffs, multistep_sampler
 from tac_jax.diffusion.samplers import ApplyFn, Sampler, StepCoeffs, affine_sampler
 from tac_jax.diffusion.schedules import check_num_steps
+from tac_jax.validate import is_integer
+
+
+class FlowConfig(NamedTuple):
+  """What a flow-matching model was trained with, in place of a DDPM `Schedule`: the
+  timestep scale T (the network sees s T) and the sampling grid's default `shift`."""
+  num_train_timesteps: int = 1000
+  shift: float = 1.0
+
+  @property
+  def num_timesteps(self) -> int:
+    """T + 1: network timesteps lie in [0, T] (s = 1 gives T), the range PTQ checks and
+    splits into timestep groups."""
+    return self.num_train_timesteps + 1
+
+  def to_dict(self):
+    return {"num_train_timesteps": int(self.num_train_timesteps), "shift": float(self.shift)}
+
+
+def flow_config(num_train_timesteps: int = 1000, shift: float = 1.0) -> FlowConfig:
+  """A checked FlowConfig (ValueError naming the bad argument)."""
+  _check_flow_args(shift, num_train_timesteps, None)
+  return FlowConfig(int(num_train_timesteps), float(shift))
 
 
 class FlowSchedule(NamedTuple):
@@ -51,9 +75,7 @@ def _check_flow_args(shift, num_train_timesteps, mu) -> None:
   if (isinstance(shift, bool) or not isinstance(shift, (int, float, np.floating))
       or not math.isfinite(shift) or shift <= 0):
     raise ValueError(f"shift must be a finite number > 0, got {shift!r}.")
-  if (isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps,
-                                                              (int, np.integer))
-      or num_train_timesteps < 2):
+  if not is_integer(num_train_timesteps) or num_train_timesteps < 2:
     raise ValueError(f"num_train_timesteps must be an integer >= 2, got "
                      f"{num_train_timesteps!r}.")
   if mu is not None:
@@ -172,3 +194,75 @@ def flow_matching_loss(apply_fn: ApplyFn, variables, x0: jax.Array, key: jax.Arr
   eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
   v = apply_fn(variables, flow_interpolate(x0, eps, s), s * num_train_timesteps)
   return jnp.mean(jnp.square(v - (eps - x0)))
+
+
+# ----------------------------------------------------------------------------- other conventions
+
+NOISE_ENDS = (1, 0)
+VELOCITIES = ("noise_minus_data", "data_minus_noise")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowConvention:
+  """A velocity network of another time convention, seen in this module's: the sampler
+  calls `apply(variables, x, t)` with t = s T (noise at s = 1, velocity eps - x0), and the
+  wrapped `module.apply` gets the time it was trained with,
+
+      tau = s * time_scale         (noise_at=1: noise at tau = time_scale, as diffusers)
+      tau = (1 - s) * time_scale   (noise_at=0: data at tau = time_scale, e.g. torchcfm)
+
+  and its output is negated when it predicts data - noise. Hashable and compared by value
+  (a static argument of jitted code), so PTQ and the samplers treat it as the module."""
+  module: Any
+  num_train_timesteps: int = 1000
+  time_scale: float = 1.0
+  noise_at: int = 1
+  velocity: str = "noise_minus_data"
+
+  def model_time(self, t):
+    s = jnp.asarray(t, jnp.float32) / self.num_train_timesteps
+    return (s if self.noise_at == 1 else 1.0 - s) * self.time_scale
+
+  def apply(self, variables, x, t, *args, **kwargs):
+    out = self.module.apply(variables, x, self.model_time(t), *args, **kwargs)
+    if self.velocity == "noise_minus_data":
+      return out
+    if "mutable" in kwargs:     # (output, state): PTQ's statistics passes
+      return (-out[0],) + tuple(out[1:])
+    return -out
+
+
+def flow_model(schedule: Dict[str, Any], module):
+  """(FlowConfig, module or FlowConvention) of a factory's flow declaration
+
+      {"type": "flow", "num_train_timesteps": 1000, "shift": 1.0,       # sampling grid
+       "time_scale": 1000, "noise_at": 1, "velocity": "noise_minus_data"}   # the network's
+
+  (the last three are what the network was trained with; the defaults are diffusers'
+  convention, which needs no adapter). ValueError naming a bad field."""
+  d = dict(schedule)
+  d.pop("type", None)
+  known = ("num_train_timesteps", "shift", "time_scale", "noise_at", "velocity")
+  unknown = sorted(set(d) - set(known))
+  if unknown:
+    raise ValueError(f"flow model declaration: unknown fields {unknown}; fields are {list(known)}.")
+  cfg = flow_config(d.get("num_train_timesteps", 1000), d.get("shift", 1.0))
+  scale = d.get("time_scale", cfg.num_train_timesteps)
+  noise_at, velocity = d.get("noise_at", 1), d.get("velocity", VELOCITIES[0])
+  if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+    raise ValueError(f"flow model declaration: time_scale must be a number > 0 (1 for time in "
+                     f"[0, 1], 1000 for diffusers' timesteps), got {scale!r}.")
+  if noise_at not in NOISE_ENDS or isinstance(noise_at, bool):
+    raise ValueError(f"flow model declaration: noise_at must be 1 (noise at the largest time, "
+                     f"as diffusers) or 0 (noise at time 0), got {noise_at!r}.")
+  if velocity not in VELOCITIES:
+    raise ValueError(f"flow model declaration: velocity must be one of {list(VELOCITIES)} "
+                     f"(what the network predicts), got {velocity!r}.")
+  if (scale, noise_at, velocity) == (cfg.num_train_timesteps, 1, VELOCITIES[0]):
+    return cfg, module
+  return cfg, FlowConvention(module, cfg.num_train_timesteps, float(scale), int(noise_at),
+                             velocity)
+
+
+def is_flow_declaration(schedule) -> bool:
+  return isinstance(schedule, dict) and schedule.get("type") == "flow"

@@ -363,6 +363,16 @@ def step_outputs(traj: jax.Array, x_final: jax.Array) -> jax.Array:
   return jnp.concatenate([traj[1:], x_final[None]])
 
 
-def calibration_batches(traj: jax.Array, coeffs: StepCoeffs):
-  """PTQ calibration batches [(x_i, t_i)] from a trajectory: one per sampler step."""
-  return [(traj[i], int(coeffs.t[i])) for i in range(coeffs.num_steps)]
+def calibration_batches(traj: jax.Array, sampler):
+  """PTQ calibration batches [(x_i, t_i)] from a trajectory: one per sampler step.
+
+  `sampler` a Sampler: t_i is the timestep its network gets (`network_input`: an int, or a
+  float for the flow samplers); bare StepCoeffs: the int coeffs.t[i]."""
+  if isinstance(sampler, StepCoeffs):
+    return [(traj[i], int(sampler.t[i])) for i in range(sampler.num_steps)]
+  out = []
+  for i in range(sampler.coeffs.num_steps):
+    _, t = network_input(sampler, SamplerState(traj[i], jax.random.key(0)), i)
+    t = np.asarray(t)
+    out.append((traj[i], int(t) if np.issubdtype(t.dtype, np.integer) else float(t)))
+  return out

@@ -108,6 +108,7 @@ class FeatureExtractor:
     self.input_shape = tuple(meta["input_shape"])
     self.batch = batch
     self._feats = jax.jit(lambda p, x: self.model.apply({"params": p}, x, return_features=True))
+    self._classes = jax.jit(lambda p, x: jnp.argmax(self.model.apply({"params": p}, x), -1))
 
   def adapt(self, images: np.ndarray) -> np.ndarray:
     """Images of another size or with one channel, resized (bilinear) to the classifier's
@@ -123,13 +124,29 @@ class FeatureExtractor:
       images = np.repeat(images, c, axis=-1)
     return images
 
-  def __call__(self, images) -> np.ndarray:
+  def _batched(self, fn, images) -> np.ndarray:
     images = np.asarray(images, np.float32)
     if images.shape[1:] != self.input_shape:
       images = self.adapt(images)
-    out = [np.asarray(self._feats(self.params, jnp.asarray(np.clip(images[i:i + self.batch], -1, 1))))
+    out = [np.asarray(fn(self.params, jnp.asarray(np.clip(images[i:i + self.batch], -1, 1))))
            for i in range(0, images.shape[0], self.batch)]
-    return np.concatenate(out).astype(np.float64)
+    return np.concatenate(out)
+
+  def __call__(self, images) -> np.ndarray:
+    """[B, features] float64: the classifier's penultimate features (the FD space)."""
+    return self._batched(self._feats, images).astype(np.float64)
+
+  def classify(self, images) -> np.ndarray:
+    """[B] int: the classifier's predicted digit of each image."""
+    return self._batched(self._classes, images)
+
+
+def label_accuracy(predicted, requested) -> float:
+  """Share of samples whose predicted class is the requested one (conditional models)."""
+  predicted, requested = np.asarray(predicted), np.asarray(requested)
+  if predicted.shape != requested.shape:
+    raise ValueError(f"{predicted.shape[0]} predictions for {requested.shape[0]} requested labels.")
+  return float(np.mean(predicted == requested))
 
 
 def gaussian_stats(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

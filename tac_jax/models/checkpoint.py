@@ -1,9 +1,11 @@
-"""UNet checkpoints: a `files` checkpoint directory whose model.json describes a UNetConfig.
+"""Model checkpoints: a `files` checkpoint directory whose model.json describes the model.
 
 A model directory holds
     params/      orbax StandardCheckpointer tree
-    model.json   {"model": UNetConfig fields, "schedule": {...}, "checksums": {...},
-                  "param_shapes": {...}, ...}
+    model.json   {"model": UNetConfig or DiTConfig fields, "architecture": "unet" (default)
+                  or "dit", "objective": "epsilon" (default) or "flow", "schedule": {...}
+                  (epsilon: make_schedule keywords) or "flow": {...} (flow.FlowConfig),
+                  "checksums": {...}, "param_shapes": {...}, ...}
 and is written as a whole (`files.staged_directory`): an interrupted export leaves the
 previous model in place. Loading verifies checksums and shapes before reading params.
 """
@@ -17,12 +19,19 @@ import jax
 import jax.numpy as jnp
 
 from tac_jax import files
+from tac_jax.models.dit import DiT, dummy_inputs
+from tac_jax.models.dit_config import DiTConfig
 from tac_jax.models.unet import UNet, UNetConfig
 
 MODEL_JSON = files.META_JSON
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 # The models the package ships, by name (`load_pretrained`).
-SHIPPED = {"default": "default_model", "gray28": "gray28_model"}
+SHIPPED = {"default": "default_model", "gray28": "gray28_model", "dit_flow": "dit_flow_model"}
+# meta["architecture"] -> (config class, module class, dummy (x, t, *cond) for shapes).
+_ARCHITECTURES = {
+    "unet": (UNetConfig, UNet, lambda c: (
+        jnp.zeros((1, c.sample_size, c.sample_size, c.in_channels)), jnp.zeros((1,), jnp.int32))),
+    "dit": (DiTConfig, DiT, dummy_inputs)}
 
 
 def save_model(directory: str, params, meta: Dict[str, Any]) -> str:
@@ -31,17 +40,22 @@ def save_model(directory: str, params, meta: Dict[str, Any]) -> str:
   return files.save_checkpoint(directory, params, meta)
 
 
-def load_model(directory: str) -> Tuple[UNet, Any, Dict[str, Any]]:
-  """Returns (module, params, meta). Clear errors for missing / corrupt / mismatched files."""
+def load_model(directory: str) -> Tuple[Any, Any, Dict[str, Any]]:
+  """Returns (module, params, meta): a UNet or a DiT (bare: a class-conditional DiT takes
+  labels as its third input). Clear errors for missing / corrupt / mismatched files."""
   meta = files.load_meta(directory)
+  arch = meta.get("architecture", "unet")
+  if arch not in _ARCHITECTURES:
+    raise ValueError(f"checkpoint {directory}: {MODEL_JSON} names architecture {arch!r}; this "
+                     f"version of tac_jax reads {sorted(_ARCHITECTURES)}.")
+  config_cls, module_cls, dummy = _ARCHITECTURES[arch]
   try:
-    config = UNetConfig.from_dict(meta["model"])
-  except (TypeError, ValueError) as e:
+    config = config_cls.from_dict(meta["model"])
+  except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"checkpoint {directory}: the 'model' section of {MODEL_JSON} is not a "
-                     f"UNet config ({e}).") from None
-  module = UNet(config)
-  x = jnp.zeros((1, config.sample_size, config.sample_size, config.in_channels))
-  abstract = jax.eval_shape(module.init, jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
+                     f"{config_cls.__name__} ({e}).") from None
+  module = module_cls(config)
+  abstract = jax.eval_shape(module.init, jax.random.key(0), *dummy(config))["params"]
   return module, files.restore_params(directory, abstract, meta), meta
 
 
@@ -61,6 +75,7 @@ def pretrained_dir(name: str) -> str:
 
 
 def load_pretrained(name: str = "default") -> Tuple[UNet, Any, Dict[str, Any]]:
-  """(module, params, meta) of a shipped model ("default", "gray28") or a model directory;
-  `meta["schedule"]` holds its `make_schedule` keywords."""
+  """(module, params, meta) of a shipped model ("default", "gray28", "dit_flow") or a model
+  directory; `meta["schedule"]` holds its `make_schedule` keywords (`meta["flow"]` its
+  FlowConfig for a flow model)."""
   return load_model(pretrained_dir(name))

@@ -40,13 +40,19 @@ LOW_RANK_CAP = 8
 CalibBatch = Tuple[Any, ...]
 
 
+def _timesteps(t, batch: int) -> jax.Array:
+  """A calibration batch's timestep as the [B] array the samplers pass: int32 for an integer
+  timestep (DDPM-family samplers), float32 for a float one (flow samplers call at s T)."""
+  t = jnp.asarray(t)
+  t = t.astype(jnp.int32 if jnp.issubdtype(t.dtype, jnp.integer) else jnp.float32)
+  return jnp.broadcast_to(t, (batch,))
+
+
 def _call(module, variables, x, t, *cond, **kw):
-  """The model on one calibration batch; a scalar timestep is passed as an int32 [B]
-  array, the convention the samplers use (one convention for a user's model)."""
+  """The model on one calibration batch (x, t, *cond); t None: the model takes no time."""
   if t is None:
     return module.apply(variables, x, *cond, **kw)
-  return module.apply(variables, x, jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],)),
-                      *cond, **kw)
+  return module.apply(variables, x, _timesteps(t, x.shape[0]), *cond, **kw)
 
 
 def _groupwise_weight(kernel: jax.Array, spec: LayerSpec, smooth) -> Dict[str, jax.Array]:
@@ -324,7 +330,7 @@ def _bias_corrections(module, variables, specs, config: QuantConfig, calib,
 def _layer_specs(module, params, calib, config: QuantConfig):
   """The selected layers' specs (output width and low-rank cap filled in) and kernels."""
   x0, t0, *cond = calib[0]
-  args = (x0,) if t0 is None else (x0, jnp.full((x0.shape[0],), t0, jnp.int32))
+  args = (x0,) if t0 is None else (x0, _timesteps(t0, x0.shape[0]))
   layers = list_layers(module, {"params": params}, *args, *cond)
   specs = select_layers(layers, config)
   excluded = {p: FLOAT_REASONS[unsupported(layers[p], config) or "config"] for p in layers

@@ -1,0 +1,18 @@
+"""The main job on the shipped class-conditional flow-matching DiT (configs/dit_flow_model.py):
+Euler 20 steps, classifier-free guidance at the model's w on all ten classes, every method
+that holds for a flow sampler (StepbaQ and QNCD re-derive DDPM steps and refuse it), with
+label accuracy next to FD. Published in docs/results_dit_flow.
+
+  python experiments/quantize.py --config=configs/quantize_dit.py --outdir=runs/dit_flow
+"""
+
+from tac_jax.config_utils import sibling_config
+
+
+def get_config():
+  c = sibling_config(__file__, "quantize.py")
+  c.checkpoint = "dit_flow"
+  c.sampler = "euler"
+  c.num_steps = 20
+  c.methods = "none,ptqd,tac,paper_m1,per_step,tcec,tcec_safe"
+  return c
