@@ -8,7 +8,7 @@ from tac_jax.app import report, settings, sweep
 
 def test_sweep_rejects_bad_names():
   with pytest.raises(ValueError, match="ddim<steps>"):
-    settings.parse_sampler("euler20")
+    settings.parse_sampler("lms20")
   with pytest.raises(ValueError, match="PTQ option"):
     settings.ptq_option("minmax_tgx")
   # The sweep takes the main job's sampler options and checks them before running.

@@ -70,8 +70,9 @@ def pretrained_dir(name: str) -> str:
     return os.path.join(ASSETS, SHIPPED[name])
   if os.path.isdir(name):
     return name
-  raise ValueError(f"no model {name!r}: name a shipped model ({', '.join(SHIPPED)}) or a model "
-                   "directory (experiments/train.py or experiments/import_diffusers.py write one).")
+  raise ValueError(f"no model {name!r}: that directory does not exist and it is not a shipped "
+                   f"model ({', '.join(SHIPPED)}); name one of those or a model directory "
+                   "(experiments/train.py or experiments/import_diffusers.py write one).")
 
 
 def load_pretrained(name: str = "default") -> Tuple[UNet, Any, Dict[str, Any]]:

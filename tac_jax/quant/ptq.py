@@ -41,18 +41,16 @@ CalibBatch = Tuple[Any, ...]
 
 
 def _timesteps(t, batch: int) -> jax.Array:
-  """A calibration batch's timestep as the [B] array the samplers pass: int32 for an integer
-  timestep (DDPM-family samplers), float32 for a float one (flow samplers call at s T)."""
+  """A calibration timestep as the samplers pass it: [B] int32 (DDPM family) or float32 (flow)."""
   t = jnp.asarray(t)
-  t = t.astype(jnp.int32 if jnp.issubdtype(t.dtype, jnp.integer) else jnp.float32)
-  return jnp.broadcast_to(t, (batch,))
+  dtype = jnp.int32 if jnp.issubdtype(t.dtype, jnp.integer) else jnp.float32
+  return jnp.broadcast_to(t.astype(dtype), (batch,))
 
 
 def _call(module, variables, x, t, *cond, **kw):
   """The model on one calibration batch (x, t, *cond); t None: the model takes no time."""
-  if t is None:
-    return module.apply(variables, x, *cond, **kw)
-  return module.apply(variables, x, _timesteps(t, x.shape[0]), *cond, **kw)
+  args = (x,) if t is None else (x, _timesteps(t, x.shape[0]))
+  return module.apply(variables, *args, *cond, **kw)
 
 
 def _groupwise_weight(kernel: jax.Array, spec: LayerSpec, smooth) -> Dict[str, jax.Array]:
