@@ -192,8 +192,10 @@ def report_arrays(trace: PropagationTrace, a, b, phi) -> Dict[str, jax.Array]:
   """`propagation_report` as device arrays (traceable: jit it with the joint run).
   `closed_form_j0_rel_err`: the closed form with the Jacobian ignored (phi = a)."""
   u = _bcast(b, trace.d) * trace.d
-  closed = cumulative_error_solve(phi, b, trace.d)
-  closed_j0 = cumulative_error_solve(a, b, trace.d)
+  # the parallel scan (equal to cumulative_error_solve): two triangular solves in this jitted
+  # analysis hung XLA's CPU runtime on the shipped DiT (jax 0.10.2, 2 cores)
+  closed = cumulative_error_scan(phi, b, trace.d)
+  closed_j0 = cumulative_error_scan(a, b, trace.d)
   one_step = _bcast(a, trace.e) * trace.e + _bcast(b, trace.e) * (trace.jvp + trace.d)
   return _report(trace, closed, closed_j0, one_step, u)
 
