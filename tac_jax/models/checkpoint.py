@@ -68,7 +68,7 @@ def pretrained_dir(name: str) -> str:
   """The directory of a shipped model by name, or `name` itself if it is a directory."""
   if name in SHIPPED:
     return os.path.join(ASSETS, SHIPPED[name])
-  if os.path.isdir(name):
+  if os.path.exists(name):  # a file: files.py names it ("is a file")
     return name
   raise ValueError(f"no model {name!r}: that directory does not exist and it is not a shipped "
                    f"model ({', '.join(SHIPPED)}); name one of those or a model directory "
