@@ -8,7 +8,11 @@ and of equal size, guidance would amplify them by sqrt(w^2 + (1 - w)^2) (3.6x at
 if they were equal, not at all. This measures it on a class-conditional checkpoint: PTQ
 (min-max) calibrated on the guided float trajectory at the model's own w, then for each
 w along the float guided trajectory at that w (held-out seeds): RMS d_g / RMS d_c, the
-correlation of d_c and d_u, and the end-to-end PSNR of plain PTQ against float at that w.
+correlation of d_c and d_u, the end-to-end PSNR of plain PTQ against float at that w, and
+how much of d_g a one-step, per-step and per-channel least-squares correction leaves
+(fitted on the calibration seeds' trajectories at that w, measured on the held-out ones)
+when it is fitted on the guided output, d_g ~ K eps_g^q + beta, or on each branch,
+d_c ~ K_c eps_c^q + beta_c and d_u ~ K_u eps_u^q + beta_u combined with w.
 Prints one markdown table per setting (docs/METHOD.md quotes it).
 """
 
@@ -39,20 +43,43 @@ def _rms(x):
   return float(jnp.sqrt(jnp.mean(jnp.square(x))))
 
 
-def _branch_errors(qm, model, scale, batches):
-  """Per step (d_c, d_u): quantized minus float output of each branch at the float
-  guided trajectory's states, all steps stacked."""
+def _branch_outputs(qm, model, batches):
+  """Per branch ("c", "u"): (quantized, float) outputs at the float guided trajectory's
+  states, steps stacked [N, B, H, W, C]."""
   cfg, labels = model.module.config, model.module.labels
-  d = {}
+  out = {}
   for name, w in (("c", 1.0), ("u", 0.0)):
     branch = dit_factory.guided_module(cfg, labels, w)
     q = dataclasses.replace(qm, module=branch).apply_fn("fake")
-    outs = []
+    qs, fs = [], []
     for x, t in batches:
       tt = jnp.full((x.shape[0],), t, jnp.float32)
-      outs.append(q(model.variables, x, tt) - branch.apply(model.variables, x, tt))
-    d[name] = jnp.stack(outs)
-  return d["c"], d["u"]
+      qs.append(q(model.variables, x, tt))
+      fs.append(branch.apply(model.variables, x, tt))
+    out[name] = (jnp.stack(qs), jnp.stack(fs))
+  return out
+
+
+def _fit(d, q):
+  """Per step and channel least squares d ~ K q + beta over samples and pixels."""
+  axes = (1, 2, 3)
+  qm, dm = q.mean(axes, keepdims=True), d.mean(axes, keepdims=True)
+  k = ((q - qm) * (d - dm)).mean(axes, keepdims=True) / (jnp.square(q - qm).mean(
+      axes, keepdims=True) + 1e-12)
+  return k, dm - k * qm
+
+
+def _residuals(cal, ev, w):
+  """RMS of d_g left after the one-step fit (a) on the guided output, (b) on each branch
+  (fitted on `cal`, measured on `ev`), as a fraction of RMS d_g."""
+  g = lambda o, i: w * o["c"][i] + (1 - w) * o["u"][i]
+  d_cal, d_ev = g(cal, 0) - g(cal, 1), g(ev, 0) - g(ev, 1)
+  k, b = _fit(d_cal, g(cal, 0))
+  guided = d_ev - (k * g(ev, 0) + b)
+  fits = {n: _fit(cal[n][0] - cal[n][1], cal[n][0]) for n in ("c", "u")}
+  hat = {n: fits[n][0] * ev[n][0] + fits[n][1] for n in ("c", "u")}
+  branch = d_ev - (w * hat["c"] + (1 - w) * hat["u"])
+  return _rms(guided) / _rms(d_ev), _rms(branch) / _rms(d_ev)
 
 
 def main():
@@ -79,20 +106,25 @@ def main():
     print(f"\n{setting} min-max, PTQ calibrated at w = {w0:g}; Euler {_STEPS.value}, "
           f"{_NUM.value} held-out seeds\n")
     print("| w | RMS d_g / RMS d_c | sqrt(w^2+(1-w)^2) | corr(d_c, d_u) | RMS d_u / RMS d_c "
-          "| plain PTQ PSNR (dB) |")
-    print("|---|---|---|---|---|---|")
+          "| plain PTQ PSNR (dB) | left after guided fit | left after per-branch fit |")
+    print("|---|---|---|---|---|---|---|---|")
     for w in scales:
       model = stages.load_model(_CKPT.value, guidance_scale=w)
-      state, traj = run(model.module.apply, model.variables, x_eval)
-      d_c, d_u = _branch_errors(qm, model, w, samplers.calibration_batches(traj, sampler))
+      outs = {}
+      for name, x in (("cal", x_cal), ("eval", x_eval)):
+        _, traj_w = run(model.module.apply, model.variables, x)
+        outs[name] = _branch_outputs(qm, model, samplers.calibration_batches(traj_w, sampler))
+      d_c, d_u = (outs["eval"][n][0] - outs["eval"][n][1] for n in ("c", "u"))
       d_g = w * d_c + (1 - w) * d_u
       corr = float(jnp.vdot(d_c, d_u) / (jnp.linalg.norm(d_c) * jnp.linalg.norm(d_u)))
+      left_g, left_b = _residuals(outs["cal"], outs["eval"], w)
+      state, _ = run(model.module.apply, model.variables, x_eval)
       q = dataclasses.replace(qm, module=model.module).apply_fn("fake")
       q_state, _ = run(q, model.variables, x_eval)
       psnr = float(jnp.mean(image.psnr(jnp.clip(q_state.x, -1, 1), jnp.clip(state.x, -1, 1))))
       print(f"| {w:g} | {_rms(d_g) / _rms(d_c):.2f} | {np.hypot(w, 1 - w):.2f} | {corr:.3f} "
-            f"| {_rms(d_u) / _rms(d_c):.2f} | {psnr:.2f} |", flush=True)
-
+            f"| {_rms(d_u) / _rms(d_c):.2f} | {psnr:.2f} | {left_g:.3f} | {left_b:.3f} |",
+            flush=True)
 
 if __name__ == "__main__":
   launch.main(main)

@@ -61,7 +61,7 @@ def tiny_model_dir(tmp_path_factory):
 # (the main job and the sweep on the same model, seed and sampler, so their numbers can be
 # compared with each other); those tests live in tests/test_launchers.py.
 TINY_MAIN_FLAGS = ("--config.num_steps=3", "--config.num_calib=8", "--config.num_eval=8",
-                   "--config.settings=W8A8,W4A4", "--config.ptq=minmax",
+                   "--config.settings=W4A4", "--config.ptq=minmax",
                    "--config.methods=none,tcec,tcec_safe,toy_offset", "--config.timing_repeats=0",
                    "--config.plugins=tests.toy_compensator")
 TINY_SWEEP_FLAGS = ("--config.seeds=0", "--config.settings=W4A4",

@@ -326,14 +326,14 @@ def test_qncd_estimates_the_output_bias_at_run_time_with_few_extra_calls():
 
 @pytest.fixture(scope="module")
 def shipped_w8a8():
-  """The shipped default model at W8A8 (min-max PTQ), DDIM 10, 16 + 16 seeds."""
+  """The shipped default model at W8A8 (min-max PTQ), DDIM 10, 8 + 8 seeds."""
   from tac_jax import models, quant   # pylint: disable=import-outside-toplevel
   from tac_jax.diffusion import make_schedule   # pylint: disable=import-outside-toplevel
   module, params, meta = models.load_pretrained("default")
   sampler = samplers.ddim(make_schedule(**meta["schedule"]), 10)
   fp = comp.Net(module.apply, {"params": params})
   k = jax.random.split(jax.random.key(0), 4)
-  x_cal, x_eval = (jax.random.normal(kk, (16, 16, 16, 3)) for kk in k[:2])
+  x_cal, x_eval = (jax.random.normal(kk, (8, 16, 16, 3)) for kk in k[:2])
   _, traj = samplers.sample(fp.apply, fp.variables, sampler, x_cal, k[2], return_trajectory=True)
   qm = quant.quantize_model(module, params, samplers.calibration_batches(traj, sampler.coeffs),
                             quant.QuantConfig(w_bits=8, a_bits=8,

@@ -42,15 +42,17 @@ def test_leaderboard_and_readme_table_regenerate_from_the_result_folders():
 ADDED_SINCE = {"guidance_scale": None, "labels": "", "shift": 0.0}
 
 
-@pytest.mark.parametrize("folder, overrides", [
-    ("docs/results", {}),
-    ("docs/results_gray28", {"checkpoint": "tac_jax/assets/gray28_model", "spacing": "leading"})])
-def test_published_folders_are_reproduced_by_the_named_config(folder, overrides):
-  """The README names `--config=configs/full.py` (plus the overrides) as the command of
+@pytest.mark.parametrize("folder, config, overrides", [
+    ("docs/results", "full", {}),
+    ("docs/results_gray28", "full",
+     {"checkpoint": "tac_jax/assets/gray28_model", "spacing": "leading"}),
+    ("docs/results_dit_flow", "quantize_dit", {})])
+def test_published_folders_are_reproduced_by_the_named_config(folder, config, overrides):
+  """The README names `--config=configs/<config>.py` (plus the overrides) as the command of
   each published folder: that config must be the one its manifest recorded."""
   with open(os.path.join(ROOT, folder, "manifest.json")) as f:
     recorded = {**ADDED_SINCE, **json.load(f)["config"]}
-  want = load_config("full")
+  want = load_config(config)
   want.update(overrides)
   want = want.to_dict()
   diff = sorted(k for k in set(want) | set(recorded) if want.get(k) != recorded.get(k))

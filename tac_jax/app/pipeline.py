@@ -82,8 +82,8 @@ def set_up(job: JobSpec, log: Progress) -> _Context:
   model = stages.load_model(spec.checkpoint, spec.factory, spec.guidance_scale, spec.labels)
   log(f"model {model.checkpoint}: {sum(x.size for x in jax.tree.leaves(model.params)):,} params, "
       f"{'x'.join(map(str, model.shape))}, {model.prediction} prediction"
-      + (f", classes {list(model.labels)} guided at w = {model.module.scale:g}"
-         if model.labels is not None else ""))
+      + (f", classes {list(model.labels)}" if model.labels is not None else "")
+      + (f" guided at w = {model.guidance_scale:g}" if model.guidance_scale is not None else ""))
   noise = stages.seed_noise(job.seed, common.num_calib, common.num_eval, model.shape)
   model, noise = stages.shard_noise(common, model, noise, log)
   sampler = _sampler(job, model, noise, log)

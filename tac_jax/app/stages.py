@@ -74,7 +74,8 @@ class Model:
   trained with: a DDPM `Schedule` (it predicts the noise, t int32) or a `flow.FlowConfig`
   (it predicts the velocity eps - x0, t = s T float32); the image shape (H, W, C) and a
   description. A class-conditional model guided at a fixed scale (`models.dit_factory`)
-  has `labels`: sample i is asked for class labels[i % len(labels)]."""
+  has `labels`: sample i is asked for class labels[i % len(labels)], guided at
+  `guidance_scale`."""
   module: Any
   params: Any
   schedule: Any
@@ -82,6 +83,7 @@ class Model:
   checkpoint: str
   shape: Tuple[int, int, int]
   labels: Optional[Tuple[int, ...]] = None
+  guidance_scale: Optional[float] = None
 
   @property
   def channels(self) -> int:
@@ -140,7 +142,8 @@ def load_model(checkpoint: str = "", factory: str = "", guidance_scale: Optional
   elif labels is not None:
     raise ValueError(f"config.labels: {directory} holds an unconditional model; leave labels "
                      "empty.")
-  return Model(module, params, schedule_of(meta), meta, directory, shape, labels)
+  return Model(module, params, schedule_of(meta), meta, directory, shape, labels,
+               None if labels is None else module.scale)
 
 
 def import_user_module(name: str, what: str):
@@ -175,16 +178,22 @@ def model_from_factory(spec: str) -> Model:
   the make_schedule(...) keyword dict of a noise-prediction model (t int32), or a flow
   declaration {"type": "flow", ...} of a velocity model (`flow.flow_model`: its time
   scale, which end is noise, the velocity's sign; t float32). A module with a `labels`
-  attribute (a guided DiT, `models.dit_factory`) is class-conditional."""
+  attribute (a guided DiT, `models.dit_factory`, `diffusion.ClassGuided`) is
+  class-conditional. An optional fifth element is a dict of what the model was trained on,
+  as a checkpoint's model.json records it: {"data": {"name": "digits"}} gives the main job
+  FD against that data set and, for a conditional model, label accuracy."""
   out = resolve_factory(spec)()
-  if not isinstance(out, tuple) or len(out) != 4:
+  if not isinstance(out, tuple) or len(out) not in (4, 5) or (
+      len(out) == 5 and not isinstance(out[4], dict)):
     raise ValueError(f"model factory {spec!r} must return (module, params, schedule dict, "
-                     f"(H, W, C)), got {type(out).__name__}.")
-  module, params, schedule, shape = out
+                     f"(H, W, C)[, meta dict]), got {type(out).__name__}.")
+  module, params, schedule, shape = out[:4]
+  meta = {**(out[4] if len(out) == 5 else {}), "factory": spec}
   shape = tuple(int(v) for v in shape)
   if len(shape) != 3:
     raise ValueError(f"model factory {spec!r}: the image shape must be (H, W, C), got {shape}.")
   labels = getattr(module, "labels", None)
+  scale = getattr(module, "scale", None) if labels is not None else None
   if flow.is_flow_declaration(schedule):
     try:
       schedule, module = flow.flow_model(schedule, module)
@@ -201,8 +210,8 @@ def model_from_factory(spec: str) -> Model:
   if y.shape != x.shape:
     raise ValueError(f"model factory {spec!r}: the model maps {x.shape} to {y.shape}; a "
                      "noise or velocity prediction has its input's shape.")
-  return Model(module, params, schedule, {"factory": spec}, spec, shape,
-               None if labels is None else tuple(labels))
+  return Model(module, params, schedule, meta, spec, shape,
+               None if labels is None else tuple(labels), scale)
 
 
 class Noise(NamedTuple):

@@ -9,5 +9,5 @@ from tac_jax.diffusion.samplers import (Sampler, SamplerState, StepCoeffs, X0Rul
 from tac_jax.diffusion.flow import flow_euler, flow_heun, flow_matching_loss, flow_sigmas
 from tac_jax.diffusion.multistep import dpm_solver_2m
 from tac_jax.diffusion.prediction import as_epsilon
-from tac_jax.diffusion.guidance import (Condition, Guided, GuidedApply, calibration_batches,
-                                        guided, unconditional)
+from tac_jax.diffusion.guidance import (ClassGuided, Condition, Guided, GuidedApply,
+                                        calibration_batches, guided, unconditional)

@@ -49,6 +49,7 @@ import dataclasses
 import math
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -235,3 +236,31 @@ def calibration_batches(traj, coeffs: StepCoeffs, cond, null=None,
     x_in, _, args = network_inputs(traj[i], coeffs.t[i], cond, null, scale, cycle)
     out.append((x_in, int(coeffs.t[i]), *args))
   return out
+
+
+class ClassGuided(nn.Module):
+  """Any class-conditional Flax module `net(x, t, y) -> prediction` (y int32 [B]) as the
+  guided (x, t) -> eps_u + w (eps_c - eps_u) network a sampler consumes, one batched call:
+  sample i asks for labels[i % len(labels)], the null branch for `null_label` (the label a
+  model trained with label dropout reserves for "no class"). Its params are {"net": the
+  wrapped module's params}. The main job's factory format: return
+  (ClassGuided(my_dit, labels, null_label, w), {"net": params}, schedule, shape), and the
+  job guides, calibrates, compensates and scores label accuracy on it (`labels`, `scale`)."""
+  net: nn.Module
+  labels: Tuple[int, ...]
+  null_label: int
+  scale: float = 1.0
+
+  def __post_init__(self):
+    if not self.labels or any(isinstance(v, bool) or int(v) != v for v in self.labels):
+      raise ValueError(f"ClassGuided: labels must be a non-empty tuple of ints, got "
+                       f"{self.labels!r}.")
+    object.__setattr__(self, "labels", tuple(int(v) for v in self.labels))
+    object.__setattr__(self, "scale", check_scale(self.scale))
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x, t):
+    cond = Condition(jnp.asarray(self.labels, jnp.int32))
+    null = Condition(jnp.full((1,), int(self.null_label), jnp.int32))
+    return guide(self.net, x, t, cond, null, self.scale, cycle=True)
