@@ -54,7 +54,7 @@ def _branch_outputs(qm, model, batches):
     qs, fs = [], []
     for x, t in batches:
       tt = jnp.full((x.shape[0],), t, jnp.float32)
-      qs.append(q(model.variables, x, tt))
+      qs.append(q(qm.variables, x, tt))
       fs.append(branch.apply(model.variables, x, tt))
     out[name] = (jnp.stack(qs), jnp.stack(fs))
   return out
@@ -102,7 +102,7 @@ def main():
   for setting in _SETTINGS.value:
     w_bits, a_bits = (int(v) for v in setting.upper().lstrip("W").split("A"))
     qconfig = quant.presets.quant_config(quant.presets.quant_defaults(), w_bits, a_bits, "minmax")
-    qm = quant.quantize_model(base.module, base.params, calib, qconfig)
+    qm = stages.quantize(base, calib, qconfig)
     print(f"\n{setting} min-max, PTQ calibrated at w = {w0:g}; Euler {_STEPS.value}, "
           f"{_NUM.value} held-out seeds\n")
     print("| w | RMS d_g / RMS d_c | sqrt(w^2+(1-w)^2) | corr(d_c, d_u) | RMS d_u / RMS d_c "
@@ -120,7 +120,7 @@ def main():
       left_g, left_b = _residuals(outs["cal"], outs["eval"], w)
       state, _ = run(model.module.apply, model.variables, x_eval)
       q = dataclasses.replace(qm, module=model.module).apply_fn("fake")
-      q_state, _ = run(q, model.variables, x_eval)
+      q_state, _ = run(q, qm.variables, x_eval)
       psnr = float(jnp.mean(image.psnr(jnp.clip(q_state.x, -1, 1), jnp.clip(state.x, -1, 1))))
       print(f"| {w:g} | {_rms(d_g) / _rms(d_c):.2f} | {np.hypot(w, 1 - w):.2f} | {corr:.3f} "
             f"| {_rms(d_u) / _rms(d_c):.2f} | {psnr:.2f} | {left_g:.3f} | {left_b:.3f} |",

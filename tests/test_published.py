@@ -13,7 +13,8 @@ from tac_jax.app import leaderboard
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("folder", leaderboard.PUBLISHED + ("docs/results_dpm",))
+@pytest.mark.parametrize("folder", leaderboard.PUBLISHED + ("docs/results_dpm",
+                                                                "docs/results_third_party_dit"))
 def test_published_folders_have_a_manifest_with_a_revision(folder):
   with open(os.path.join(ROOT, folder, "manifest.json")) as f:
     man = json.load(f)
