@@ -67,7 +67,7 @@ def test_ptq_and_compensation_run_on_it(model):
                             samplers.calibration_batches(traj, sampler),
                             quant.QuantConfig(w_bits=4, a_bits=8), model.schedule.num_timesteps)
   assert {"net/block0/fc1", "net/block0/fc2", "net/embed", "net/head"} <= set(qm.specs)
-  floats = qm.float_layers()
+  floats = qm.float_layers
   assert {f"net/block0/attn/{p}" for p in ("query", "key", "value", "out")} <= set(floats)
   assert "not a Dense, Conv or ConvTranspose" in floats["net/block0/attn/query"]
   q = comp.Net(qm.apply_fn("fake"), qm.variables)
