@@ -26,6 +26,7 @@ from absl import flags
 from tac_jax import quant
 from tac_jax.app import launch
 from tac_jax.app import stages
+from tac_jax.compensation import lstsq
 from tac_jax.diffusion import flow
 from tac_jax.diffusion import samplers
 from tac_jax.metrics import image
@@ -61,12 +62,10 @@ def _branch_outputs(qm, model, batches):
 
 
 def _fit(d, q):
-  """Per step and channel least squares d ~ K q + beta over samples and pixels."""
-  axes = (1, 2, 3)
-  qm, dm = q.mean(axes, keepdims=True), d.mean(axes, keepdims=True)
-  k = ((q - qm) * (d - dm)).mean(axes, keepdims=True) / (jnp.square(q - qm).mean(
-      axes, keepdims=True) + 1e-12)
-  return k, dm - k * qm
+  """Per step and channel least squares d ~ K q + beta over samples and pixels, as
+  [N, 1, 1, 1, C] arrays (`compensation.lstsq`, the fit the compensators use)."""
+  k, b = jax.vmap(lambda qi, di: lstsq.solve_affine(lstsq.affine_stats(qi, di), ridge=0.0))(q, d)
+  return k[:, None, None, None], b[:, None, None, None]
 
 
 def _residuals(cal, ev, w):
@@ -110,15 +109,15 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for w in scales:
       model = stages.load_model(_CKPT.value, guidance_scale=w)
-      outs = {}
+      outs, final = {}, {}
       for name, x in (("cal", x_cal), ("eval", x_eval)):
-        _, traj_w = run(model.module.apply, model.variables, x)
+        final[name], traj_w = run(model.module.apply, model.variables, x)
         outs[name] = _branch_outputs(qm, model, samplers.calibration_batches(traj_w, sampler))
       d_c, d_u = (outs["eval"][n][0] - outs["eval"][n][1] for n in ("c", "u"))
       d_g = w * d_c + (1 - w) * d_u
       corr = float(jnp.vdot(d_c, d_u) / (jnp.linalg.norm(d_c) * jnp.linalg.norm(d_u)))
       left_g, left_b = _residuals(outs["cal"], outs["eval"], w)
-      state, _ = run(model.module.apply, model.variables, x_eval)
+      state = final["eval"]
       q = dataclasses.replace(qm, module=model.module).apply_fn("fake")
       q_state, _ = run(q, qm.variables, x_eval)
       psnr = float(jnp.mean(image.psnr(jnp.clip(q_state.x, -1, 1), jnp.clip(state.x, -1, 1))))

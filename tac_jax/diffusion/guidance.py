@@ -167,6 +167,14 @@ def guide(call: Callable, x, t, cond: Condition, null: Optional[Condition] = Non
   return combine(eps[:b], eps[b:], w)
 
 
+def guide_labels(call: Callable, x, t, labels, null_label: int, scale: Optional[float]):
+  """eps_g of a class-conditional `call(x_in, t_in, y)`: sample i asks for class
+  labels[i % len(labels)], the null branch for `null_label` (one batched call)."""
+  cond = Condition(jnp.asarray(labels, jnp.int32))
+  null = Condition(jnp.full((1,), int(null_label), jnp.int32))
+  return guide(call, x, t, cond, null, scale, cycle=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class GuidedApply:
   """`apply(GuidedVariables, x, t) -> eps_g` of the conditioned `apply_cond` at `scale`:
@@ -261,6 +269,4 @@ class ClassGuided(nn.Module):
 
   @nn.compact
   def __call__(self, x, t):
-    cond = Condition(jnp.asarray(self.labels, jnp.int32))
-    null = Condition(jnp.full((1,), int(self.null_label), jnp.int32))
-    return guide(self.net, x, t, cond, null, self.scale, cycle=True)
+    return guide_labels(self.net, x, t, self.labels, self.null_label, self.scale)

@@ -39,7 +39,6 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from tac_jax.diffusion import guidance
 from tac_jax.models.convert import schedule_from_diffusers
@@ -89,10 +88,9 @@ class GuidedDiT(nn.Module):
   @nn.compact
   def __call__(self, x, t):
     dit = DiT(self.config, name="dit")
-    labels = guidance.Condition(jnp.asarray(self.labels, jnp.int32))
-    null = guidance.Condition(jnp.full((1,), self.config.null_class_label, jnp.int32))
     call = lambda x_in, t_in, y: epsilon_prediction(dit(x_in, t_in, y), self.config)
-    return guidance.guide(call, x, t, labels, null, self.scale, cycle=True)
+    return guidance.guide_labels(call, x, t, self.labels, self.config.null_class_label,
+                                 self.scale)
 
 
 def guided_module(config: DiTConfig, labels: Sequence[int], scale: float) -> GuidedDiT:
