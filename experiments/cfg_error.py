@@ -1,6 +1,7 @@
 """How classifier-free guidance scales the per-step quantization error (issue 24, item 3).
 
-  python experiments/cfg_error.py [--checkpoint=dit_flow] [--scales=0,1,2,3,4,6]
+  python experiments/cfg_error.py [--checkpoint=dit_flow] [--scales=0,1,2,3,4,6] \
+      [--outdir=docs/results_cfg_error]
 
 The sampler consumes eps_g = eps_u + w (eps_c - eps_u), so a quantized network's per-step
 error on it is d_g = w d_c + (1 - w) d_u. If the branch errors d_c, d_u were independent
@@ -13,16 +14,20 @@ how much of d_g a one-step, per-step and per-channel least-squares correction le
 (fitted on the calibration seeds' trajectories at that w, measured on the held-out ones)
 when it is fitted on the guided output, d_g ~ K eps_g^q + beta, or on each branch,
 d_c ~ K_c eps_c^q + beta_c and d_u ~ K_u eps_u^q + beta_u combined with w.
-Prints one markdown table per setting (docs/METHOD.md quotes it).
+Prints one markdown table per setting; with --outdir also writes them to results.md next
+to a manifest.json (config, revision, checksums), atomically (docs/METHOD.md quotes
+docs/results_cfg_error).
 """
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from tac_jax import files
 from tac_jax import quant
 from tac_jax.app import launch
 from tac_jax.app import stages
@@ -38,6 +43,8 @@ _SETTINGS = flags.DEFINE_list("settings", ["W8A8", "W4A8"], "WxAy settings.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Euler steps.")
 _NUM = flags.DEFINE_integer("num_samples", 40, "Calibration seeds (and as many held-out).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
+_OUT = flags.DEFINE_string("outdir", "", "If set, write results.md and manifest.json there.")
+_CONFIG_FLAGS = ("checkpoint", "scales", "settings", "steps", "num_samples", "seed")
 
 
 def _rms(x):
@@ -81,7 +88,23 @@ def _residuals(cal, ev, w):
   return _rms(guided) / _rms(d_ev), _rms(branch) / _rms(d_ev)
 
 
+def _write(outdir: str, lines) -> None:
+  """results.md and manifest.json; the folder appears only when complete."""
+  config = {f: flags.FLAGS[f].value for f in _CONFIG_FLAGS}
+  with files.staged_directory(outdir, files.MANIFEST, "results") as tmp:
+    files.write_text_atomic(os.path.join(tmp, "results.md"), "\n".join(lines) + "\n")
+    files.write_json_atomic(os.path.join(tmp, files.MANIFEST), files.manifest(config, tmp))
+  print(f"wrote {outdir}: results.md, manifest.json")
+
+
 def main():
+  outdir = files.check_output_dir(_OUT.value, launch.OVERWRITE.value) if _OUT.value else None
+  lines = []
+
+  def emit(text):
+    print(text, flush=True)
+    lines.append(text)
+
   scales = [float(s) for s in _SCALES.value]
   base = stages.load_model(_CKPT.value)
   if base.labels is None:
@@ -102,11 +125,11 @@ def main():
     w_bits, a_bits = (int(v) for v in setting.upper().lstrip("W").split("A"))
     qconfig = quant.presets.quant_config(quant.presets.quant_defaults(), w_bits, a_bits, "minmax")
     qm = stages.quantize(base, calib, qconfig)
-    print(f"\n{setting} min-max, PTQ calibrated at w = {w0:g}; Euler {_STEPS.value}, "
-          f"{_NUM.value} held-out seeds\n")
-    print("| w | RMS d_g / RMS d_c | sqrt(w^2+(1-w)^2) | corr(d_c, d_u) | RMS d_u / RMS d_c "
+    emit(f"\n{setting} min-max, PTQ calibrated at w = {w0:g}; Euler {_STEPS.value}, "
+         f"{_NUM.value} held-out seeds\n")
+    emit("| w | RMS d_g / RMS d_c | sqrt(w^2+(1-w)^2) | corr(d_c, d_u) | RMS d_u / RMS d_c "
           "| plain PTQ PSNR (dB) | left after guided fit | left after per-branch fit |")
-    print("|---|---|---|---|---|---|---|---|")
+    emit("|---|---|---|---|---|---|---|---|")
     for w in scales:
       model = stages.load_model(_CKPT.value, guidance_scale=w)
       outs, final = {}, {}
@@ -121,9 +144,10 @@ def main():
       q = dataclasses.replace(qm, module=model.module).apply_fn("fake")
       q_state, _ = run(q, qm.variables, x_eval)
       psnr = float(jnp.mean(image.psnr(jnp.clip(q_state.x, -1, 1), jnp.clip(state.x, -1, 1))))
-      print(f"| {w:g} | {_rms(d_g) / _rms(d_c):.2f} | {np.hypot(w, 1 - w):.2f} | {corr:.3f} "
-            f"| {_rms(d_u) / _rms(d_c):.2f} | {psnr:.2f} | {left_g:.3f} | {left_b:.3f} |",
-            flush=True)
+      emit(f"| {w:g} | {_rms(d_g) / _rms(d_c):.2f} | {np.hypot(w, 1 - w):.2f} | {corr:.3f} "
+           f"| {_rms(d_u) / _rms(d_c):.2f} | {psnr:.2f} | {left_g:.3f} | {left_b:.3f} |")
+  if outdir:
+    _write(outdir, lines)
 
 if __name__ == "__main__":
   launch.main(main)
