@@ -43,6 +43,9 @@ def get_config():
                                           fd_confidence=0.9, fd_resamples=200, segments=1))
   c.int_path = True                 # also evaluate the int8 x int8 -> int32 path
   c.timing_repeats = 2              # overhead timing (first observer); 0 disables it
+  # Write each setting's quantized model with the default method's fitted compensation to
+  # EXPORT/<setting>_<ptq>/ (tac_jax.app.artifact; load it with artifact.load); "" = off
+  c.export = ""
   c.data_parallel = True            # split the seeds over all devices when there are several
   c.quant = presets.quant_defaults()   # tac_jax/quant/presets.py: shared with the sweep
   return c

@@ -20,7 +20,6 @@ docs/results_cfg_error).
 """
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -91,9 +90,7 @@ def _residuals(cal, ev, w):
 def _write(outdir: str, lines) -> None:
   """results.md and manifest.json; the folder appears only when complete."""
   config = {f: flags.FLAGS[f].value for f in _CONFIG_FLAGS}
-  with files.staged_directory(outdir, files.MANIFEST, "results") as tmp:
-    files.write_text_atomic(os.path.join(tmp, "results.md"), "\n".join(lines) + "\n")
-    files.write_json_atomic(os.path.join(tmp, files.MANIFEST), files.manifest(config, tmp))
+  files.write_report(outdir, "\n".join(lines) + "\n", config)
   print(f"wrote {outdir}: results.md, manifest.json")
 
 

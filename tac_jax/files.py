@@ -9,6 +9,7 @@ Nothing here knows about UNets or diffusion. The guarantees the launchers build 
 * `save_checkpoint` / `restore_params`: a params/ tree (orbax) next to a JSON description
   that records a SHA-256 per file and every leaf's shape; loading verifies both before
   orbax reads anything, and names the file that fails.
+* `array_file.save_arrays` / `load_arrays`: many small arrays in one file (artifacts).
 """
 
 from __future__ import annotations
@@ -253,6 +254,15 @@ def manifest(config: Optional[Mapping[str, Any]], directory: str) -> Dict[str, A
           "git_dirty": dirty, "git_diff_sha256": diff_sha, "versions": versions, "python": sys.version.split()[0], "files": files}
 
 
+def write_report(outdir: str, text: str, config: Optional[Mapping[str, Any]]) -> str:
+  """results.md (`text`) and manifest.json (`config`, revision, checksums) as the folder
+  `outdir`, which appears only when both are complete; returns its path."""
+  with staged_directory(outdir, MANIFEST, "results") as tmp:
+    write_text_atomic(os.path.join(tmp, "results.md"), text)
+    write_json_atomic(os.path.join(tmp, MANIFEST), manifest(config, tmp))
+  return os.path.abspath(outdir)
+
+
 # ----------------------------------------------------------------------------- param trees
 
 @contextlib.contextmanager
@@ -358,3 +368,4 @@ def restore_tree(path: str, what: str):
   except Exception as e:
     raise ValueError(f"could not read {what} from {path}: {type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''}") from None
+

@@ -67,7 +67,7 @@ TINY_MAIN_FLAGS = ("--config.num_steps=3", "--config.num_calib=8", "--config.num
 TINY_SWEEP_FLAGS = ("--config.seeds=0", "--config.settings=W4A4",
                     "--config.methods=none,tcec,toy_offset", "--config.plugins=tests.toy_compensator",
                     "--config.samplers=ddim2,ddim3", "--config.ref_sampler=ddim3",
-                    "--config.ptq_options=minmax,svdquant_bc", "--config.num_calib=8",
+                    "--config.ptq_options=minmax,minmax_tg2", "--config.num_calib=8",
                     "--config.num_eval=8", "--config.num_fd=16", "--config.fd_methods=none,tcec",
                     "--config.ablation_settings=W4A4", "--config.ablations=tcec,ehat",
                     "--config.calib_sizes=4")
@@ -94,16 +94,19 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
 
 @pytest.fixture(scope="session")
 def tiny_runs(tiny_model_dir, tmp_path_factory):
-  """{'main': (outdir, CompletedProcess), 'sweep': (...), 'model': dir}: both launchers run
+  """{'main': (outdir, CompletedProcess), 'sweep': (...), 'model': dir, 'export': the main
+  run's --config.export folder}: both launchers run
   once, side by side (most of their time is single-threaded XLA compilation), on the same
   tiny model."""
   import subprocess  # pylint: disable=import-outside-toplevel
   model = tiny_model_dir(8)
   root = tmp_path_factory.mktemp("tiny_runs")
-  out, procs = {"model": model}, {}
+  out, procs = {"model": model, "export": str(root / "export")}, {}
   for name, config, flags in (("main", "quantize", TINY_MAIN_FLAGS),
                               ("sweep", "sweep", TINY_SWEEP_FLAGS)):
     outdir = str(root / name)
+    if name == "main":   # the main run also exports its quantized model
+      flags = flags + (f"--config.export={root / 'export'}",)
     cmd = launcher_cmd(name if name == "sweep" else "quantize", config,
                        f"--config.checkpoint={model}", f"--outdir={outdir}", *flags)
     procs[name] = (outdir, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE,

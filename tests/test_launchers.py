@@ -74,6 +74,24 @@ def test_main_job_writes_a_manifest_of_its_files(tiny_runs):
     assert (man["git_diff_sha256"] is None) == (not man["git_dirty"])
 
 
+def test_main_job_exports_an_artifact_that_samples_what_it_measured(tiny_runs):
+  """--config.export: the loaded artifact's integer samples on the job's evaluation seeds
+  give the PSNR the job reported for its default method's integer path."""
+  from tac_jax.app import artifact, stages  # pylint: disable=import-outside-toplevel
+  _, proc, res = _results(tiny_runs)
+  entry = next(r for r in res["runs"] if r["method"] == "tcec_safe")
+  path = os.path.join(tiny_runs["export"], "W4A4_minmax")
+  assert entry["artifact"]["path"] == path and f"exported tcec_safe to {path}" in proc.stdout
+  assert entry["artifact"]["bytes"] < entry["artifact"]["float_checkpoint_bytes"]
+  art = artifact.load(path)
+  model = stages.load_model(tiny_runs["model"])
+  noise = stages.seed_noise(0, 8, 8, model.shape)
+  ref = stages.float_reference(stages.Compiled(model, art.sampler), model, noise.x_eval,
+                               noise.key_eval)
+  x = art.sample(noise.x_eval, noise.key_eval, "int")
+  assert stages.psnr_stats(x, ref.x)["mean"] == pytest.approx(entry["psnr_int"]["mean"], abs=1e-3)
+
+
 def test_main_job_and_sweep_agree_on_the_same_seed(tiny_runs):
   """Both launchers run the shared stages: plain PTQ and tcec at W4A4, DDIM 3, seed 0."""
   _, _, res = _results(tiny_runs)

@@ -39,9 +39,9 @@ def test_leaderboard_and_readme_table_regenerate_from_the_result_folders():
 
 
 # Config fields added after the folders were published, at values that keep the earlier
-# behaviour (for conditional / flow models only): a recorded config without them equals one
+# behaviour (guidance and shift act on conditional / flow models; export is off): a recorded config without them equals one
 # with these values.
-ADDED_SINCE = {"guidance_scale": None, "labels": "", "shift": 0.0}
+ADDED_SINCE = {"guidance_scale": None, "labels": "", "shift": 0.0, "export": ""}
 
 
 @pytest.mark.parametrize("folder, config, overrides", [

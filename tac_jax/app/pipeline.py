@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from tac_jax import compensation, files
-from tac_jax.app import report, stages, viz
+from tac_jax.app import artifact, report, stages, viz
 from tac_jax.app.settings import SETTINGS, JobSpec, job_spec, method_options
 from tac_jax.app.stages import Compiled, FrechetReference, Model, Noise, Progress, measure_overhead
 from tac_jax.diffusion import samplers
@@ -170,6 +170,8 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
     t = by_method[job.default]["timing"] = _timing(ctx, qm, fitted[job.default])
     log(f"{tag}: overhead {100 * t['overhead_ab']:+.2f}% (A/B), "
         f"{100 * t['overhead_ops']:.3f}% (compensation ops alone), {t['mode']} path")
+  if job.export:
+    by_method[job.default]["artifact"] = _export(ctx, qm, fitted[job.default], tag)
   _flag_divergence(entries, lambda m: log(f"WARNING {tag}: {m}"))
   log(f"{tag}: PSNR vs float (dB): " + ", ".join(
       f"{m} {by_method[m]['psnr_fake']['mean']:.2f}" for m in job.common.methods))
@@ -177,6 +179,20 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
     log(f"{tag}: label accuracy: " + ", ".join(
         f"{m} {100 * by_method[m]['label_accuracy']:.1f}%" for m in job.common.methods))
   return entries
+
+
+def _export(ctx: _Context, qm, cal: compensation.Calibration, tag: str) -> Dict[str, Any]:
+  """Writes the setting's artifact (the default method) below config.export; its size."""
+  path = os.path.join(ctx.job.export, tag)
+  if jax.process_index() != 0:
+    return {"path": path}
+  rec = artifact.export(path, ctx.model, qm, ctx.job.sampler, cal, ctx.jit.sampler)
+  size = {"path": os.path.abspath(path), "bytes": rec["bytes"],
+          "float_checkpoint_bytes": rec["float_checkpoint_bytes"]}
+  ratio = (f" ({rec['float_checkpoint_bytes'] / rec['bytes']:.1f}x smaller than the float "
+           "checkpoint)" if rec["float_checkpoint_bytes"] else "")
+  ctx.log(f"{tag}: exported {cal.method} to {path}: {rec['bytes'] / 1e3:.0f} kB{ratio}")
+  return size
 
 
 def _flag_divergence(entries: List[Dict[str, Any]], warn) -> None:

@@ -8,6 +8,7 @@ the field and what to write instead.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import ml_collections
@@ -277,6 +278,7 @@ class JobSpec:
   frechet: bool
   int_path: bool
   timing_repeats: int
+  export: str = ""                  # folder for one quantized artifact per setting ("" = none)
 
 
 def job_spec(config: ml_collections.ConfigDict) -> JobSpec:
@@ -308,7 +310,18 @@ def job_spec(config: ml_collections.ConfigDict) -> JobSpec:
                                       config.eta),
                  ptq=ptq, default=default, frechet=bool(config.frechet),
                  int_path=bool(config.int_path),
-                 timing_repeats=_integer(config, "timing_repeats", 0))
+                 timing_repeats=_integer(config, "timing_repeats", 0),
+                 export=_export_dir(config.get("export", "")))
+
+
+def _export_dir(value) -> str:
+  """config.export: "" or a folder path (not a file)."""
+  if not isinstance(value, str):
+    raise ValueError(f"config.export must be a folder path or empty, got {value!r}.")
+  if value and os.path.isfile(value):
+    raise ValueError(f"config.export={value!r} is a file; name a folder (one artifact per "
+                     "setting goes below it).")
+  return value
 
 
 def ptq_option(name: str) -> Tuple[str, int]:

@@ -131,6 +131,14 @@ def load_model(checkpoint: str = "", factory: str = "", guidance_scale: Optional
     checkpoint = ckpt_lib.pretrained_dir(checkpoint)
   directory = checkpoint or ckpt_lib.default_model_dir()
   module, params, meta = ckpt_lib.load_model(directory)
+  return checkpoint_model(module, params, meta, directory, guidance_scale, labels)
+
+
+def checkpoint_model(module, params, meta: Dict[str, Any], directory: str,
+                     guidance_scale: Optional[float] = None,
+                     labels: Optional[Tuple[int, ...]] = None) -> Model:
+  """The `Model` of a checkpoint's bare module, params and model.json record (a
+  class-conditional DiT guided as `load_model` says)."""
   c = module.config
   shape = (c.sample_size, c.sample_size, c.in_channels)
   if getattr(c, "class_conditional", False):

@@ -40,22 +40,30 @@ def save_model(directory: str, params, meta: Dict[str, Any]) -> str:
   return files.save_checkpoint(directory, params, meta)
 
 
-def load_model(directory: str) -> Tuple[Any, Any, Dict[str, Any]]:
-  """Returns (module, params, meta): a UNet or a DiT (bare: a class-conditional DiT takes
-  labels as its third input). Clear errors for missing / corrupt / mismatched files."""
-  meta = files.load_meta(directory)
+def build_module(meta: Dict[str, Any], where: str, abstract: bool = True) -> Tuple[Any, Any]:
+  """(module, abstract params or None) of the model a model.json record describes, no
+  weights read (`where` names the record in errors)."""
   arch = meta.get("architecture", "unet")
   if arch not in _ARCHITECTURES:
-    raise ValueError(f"checkpoint {directory}: {MODEL_JSON} names architecture {arch!r}; this "
+    raise ValueError(f"{where}: {MODEL_JSON} names architecture {arch!r}; this "
                      f"version of tac_jax reads {sorted(_ARCHITECTURES)}.")
   config_cls, module_cls, dummy = _ARCHITECTURES[arch]
   try:
     config = config_cls.from_dict(meta["model"])
   except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"checkpoint {directory}: the 'model' section of {MODEL_JSON} is not a "
+    raise ValueError(f"{where}: the 'model' section of {MODEL_JSON} is not a "
                      f"{config_cls.__name__} ({e}).") from None
   module = module_cls(config)
-  abstract = jax.eval_shape(module.init, jax.random.key(0), *dummy(config))["params"]
+  if not abstract:
+    return module, None
+  return module, jax.eval_shape(module.init, jax.random.key(0), *dummy(config))["params"]
+
+
+def load_model(directory: str) -> Tuple[Any, Any, Dict[str, Any]]:
+  """Returns (module, params, meta): a UNet or a DiT (bare: a class-conditional DiT takes
+  labels as its third input). Clear errors for missing / corrupt / mismatched files."""
+  meta = files.load_meta(directory)
+  module, abstract = build_module(meta, f"checkpoint {directory}")
   return module, files.restore_params(directory, abstract, meta), meta
 
 
