@@ -245,6 +245,38 @@ def test_layers_left_in_float_are_listed_with_the_reason():
   assert "group-wise presets leave it in float" in group.float_layers["up"]
 
 
+class _Heads(nn.Module):
+  """Attention-style projections: [D] -> [H, Dh] and [H, Dh] -> [D] (flax DenseGeneral)."""
+  @nn.compact
+  def __call__(self, x, t=None):
+    h = nn.DenseGeneral((4, 8), name="qkv")(x)
+    h = nn.silu(h)
+    y = nn.DenseGeneral(16, axis=(-2, -1), name="out")(h)
+    return y + nn.DenseGeneral((2, 8), axis=-1, batch_dims=(0,), name="odd")(x).reshape(y.shape)
+
+
+@pytest.mark.parametrize("preset", ["minmax", "minmax_bc", "svdquant_bc"])
+def test_dense_general_layers_are_quantized_as_2d_matrices(preset):
+  """flax DenseGeneral (attention q/k/v/out) runs as a Dense on its flattened contracted
+  axes: quantized at every preset, int path equal to fake-quant, close to float at W8A8;
+  one with batch_dims stays in float with the reason."""
+  model = _Heads()
+  x = jax.random.normal(_key(5), (3, 6, 16))
+  params = model.init(_key(6), x)["params"]
+  calib = [(jax.random.normal(jax.random.key(20 + i), x.shape), None) for i in range(3)]
+  cfg = presets.quant_config({**presets.quant_defaults(), "group_size": 8, "low_rank": 2},
+                             8, 8, preset)
+  qm = quant.quantize_model(model, params, calib, cfg)
+  assert set(qm.specs) == {"qkv", "out"} and "batch_dims" in qm.float_layers["odd"]
+  assert (qm.specs["qkv"].features, qm.specs["out"].in_axes) == ((4, 8), 2)
+  assert qm.variables["quant"]["qkv"]["w"].shape == (16, 32)
+  assert "kernel" not in qm.variables["params"]["out"]
+  y = model.apply({"params": params}, x)
+  y_fake, y_int = qm(x, mode="fake"), qm(x, mode="int")
+  np.testing.assert_allclose(y_int, y_fake, rtol=1e-4, atol=1e-4)
+  assert y_fake.shape == y.shape and _rel_err(y_fake, y) < 0.03
+
+
 class _TransposedKernel(nn.Module):
   @nn.compact
   def __call__(self, x, t=None):

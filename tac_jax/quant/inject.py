@@ -1,5 +1,6 @@
-"""Quantize the `nn.Dense` / `nn.Conv` / `nn.ConvTranspose` layers of an unmodified Flax
-Linen model.
+"""Quantize the `nn.Dense` / `nn.DenseGeneral` / `nn.Conv` / `nn.ConvTranspose` layers of
+an unmodified Flax Linen model (a DenseGeneral, e.g. attention's q/k/v/out projections, as
+a Dense on its flattened contracted axes).
 
 *What* to quantize is a `QuantConfig` (bits, granularity, observers, layer patterns);
 *how* is a method interceptor (`flax.linen.intercept_methods`) that replaces the
@@ -31,7 +32,7 @@ from tac_jax.quant import groupwise
 from tac_jax.quant import int_ops
 from tac_jax.quant import observers
 from tac_jax.quant.spec import (MODES, QUANT_COLLECTION, STATS_COLLECTION, LayerSpec, QuantConfig,
-                                has_kernel, is_quantizable, layer_path)
+                                flat_input, has_kernel, is_quantizable, layer_path)
 
 # ----------------------------------------------------------------------------- layer math
 
@@ -168,16 +169,18 @@ def quantized_matmul(module, spec: LayerSpec, mode: str, a, b):
 
 
 def quantized_call(module, spec: LayerSpec, config: QuantConfig, mode: str, x, group):
-  """The quantized replacement of `module.__call__(x)`."""
-  x = jnp.asarray(x, jnp.float32)
+  """The quantized replacement of `module.__call__(x)` (a DenseGeneral runs as a Dense on
+  its flattened contracted axes, its output reshaped to its features)."""
+  x = flat_input(module, jnp.asarray(x, jnp.float32))
   if spec.group_size:
     y = _groupwise_call(module, spec, mode, x)
   else:
     y = _static_call(module, spec, config, mode, x, group)
   if module.use_bias:
-    y = y + module.get_variable("params", "bias")
+    y = y + module.get_variable("params", "bias").reshape(y.shape[-1])
   correction = _quant_variable(module, "bias_corr")
-  return y if correction is None else y - correction
+  y = y if correction is None else y - correction
+  return y.reshape(y.shape[:-1] + spec.features) if spec.features else y
 
 
 # ----------------------------------------------------------------------------- interceptors
@@ -208,7 +211,8 @@ def observing_interceptor(sample_size: int) -> Callable:
   def intercept(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name == "__call__" and has_kernel(module):
-      x = jnp.asarray(args[0], jnp.float32).reshape(-1, args[0].shape[-1])
+      x = flat_input(module, jnp.asarray(args[0], jnp.float32))
+      x = x.reshape(-1, x.shape[-1])
       flat = x.ravel()
       # Always `sample_size` values (repeating when the tensor is smaller), so every
       # layer's statistics have one shape and the range fits compile once.
@@ -232,7 +236,8 @@ def error_interceptor(specs: Mapping[str, LayerSpec], config: QuantConfig, group
     spec = specs.get(layer_path(module))
     if spec is not None:
       err = quantized_call(module, spec, config, "fake", args[0], group) - y
-      module.sow(STATS_COLLECTION, "err", jnp.mean(err.reshape(-1, err.shape[-1]), axis=0))
+      width = spec.out_features   # a DenseGeneral's features, flattened
+      module.sow(STATS_COLLECTION, "err", jnp.mean(err.reshape(-1, width), axis=0))
     return y
 
   return intercept

@@ -1,6 +1,6 @@
 """PTQ driver: float model + calibration inputs -> `QuantizedModel`.
 
-1. List the Dense/Conv layers the model calls and pick those the config selects.
+1. List the Dense/DenseGeneral/Conv layers the model calls and pick those the config selects.
 2. Quantize their weights once (per output channel, symmetric).
 3. Run the float model over calibration inputs (x, t), recording per-layer input
    statistics, grouped by timestep when `config.time_groups > 1`. A conditioned model
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from tac_jax.host import to_host
 from tac_jax.quant import act_stats
+from tac_jax.quant.calibration_data import check_calibration as _check_calibration
 from tac_jax.quant import core
 from tac_jax.quant import groupwise
 from tac_jax.quant import int_ops
@@ -174,45 +175,6 @@ def _jitted_apply(fn: QuantizedApply, variables, x, t, cond):
   return fn(variables, x, t, *cond)
 
 
-def _as_batch(batch, i: int) -> CalibBatch:
-  if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-    what = f"length {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
-    raise ValueError(f"calibration batch {i} must be a tuple (x, t) or (x, t, *cond), got {what}.")
-  return tuple(batch)
-
-
-def _check_conditions(x, cond, i: int, structure) -> None:
-  """Every batch has batch 0's kind of conditions, each array one row per sample."""
-  if jax.tree.structure(cond) != structure:
-    raise ValueError(f"calibration batch {i} has conditions {jax.tree.structure(cond)} but batch "
-                     f"0 has {structure}: every batch must be (x, t) or every one (x, t, *cond) "
-                     "with the same condition inputs.")
-  b = np.shape(x)[0]
-  rows = [np.shape(v) for v in jax.tree.leaves(cond) if np.ndim(v) and np.shape(v)[0] != b]
-  if rows:
-    raise ValueError(f"calibration batch {i}: x has {b} samples but a condition array has shape "
-                     f"{list(rows[0])}; conditions need one row per sample (leading dim {b}; "
-                     "for guidance, x twice and concat([cond, null])).")
-
-
-def _check_calibration(calib: Sequence[CalibBatch],
-                       num_timesteps: Optional[int] = None) -> List[CalibBatch]:
-  calib = [_as_batch(b, i) for i, b in enumerate(calib)]
-  if not calib:
-    raise ValueError("no calibration data: pass at least one (x, t) or (x, t, *cond) batch.")
-  structure = jax.tree.structure(calib[0][2:])
-  for i, (x, t, *cond) in enumerate(calib):
-    observers.check_calibration_data(x, f"calibration batch {i}")
-    _check_conditions(x, tuple(cond), i, structure)
-    if t is not None and num_timesteps is not None:
-      bad = [v for v in np.ravel(t) if not 0 <= v < num_timesteps]
-      if bad:
-        raise ValueError(f"calibration batch {i} has timestep {bad[0]} outside the schedule "
-                         f"[0, {num_timesteps - 1}]; pass num_timesteps matching the model's "
-                         "schedule.")
-  return calib
-
-
 def collect_activation_stats(module: nn.Module, params: Params, calib: Sequence[CalibBatch],
                              config: QuantConfig, num_timesteps: int
                              ) -> Dict[str, List[List[act_stats.Record]]]:
@@ -329,15 +291,20 @@ def _layer_specs(module, params, calib, config: QuantConfig):
   """The selected layers' specs (output width and low-rank cap filled in) and kernels."""
   x0, t0, *cond = calib[0]
   args = (x0,) if t0 is None else (x0, _timesteps(t0, x0.shape[0]))
-  layers = list_layers(module, {"params": params}, *args, *cond)
+  general: Dict[str, Tuple[int, Tuple[int, ...]]] = {}   # DenseGeneral: (in_axes, features)
+  layers = list_layers(module, {"params": params}, *args, *cond, general=general)
   specs = select_layers(layers, config)
+  specs.update({p: dataclasses.replace(specs[p], in_axes=general[p][0], features=general[p][1])
+                for p in set(general) & set(specs)})
   excluded = {p: FLOAT_REASONS[unsupported(layers[p], config) or "config"] for p in layers
               if p not in specs}
   if not specs:
     raise ValueError(f"QuantConfig selects none of the model's layers {sorted(layers)}; "
                      "check include/exclude.")
   flat = traverse_util.flatten_dict(params, sep="/")
-  kernels = {path: flat[f"{path}/kernel"] for path, s in specs.items() if s.weighted}
+  # A DenseGeneral's kernel [*in, *features] as the 2-D matrix it multiplies by.
+  kernels = {path: (flat[f"{path}/kernel"].reshape(-1, int(np.prod(s.features))) if s.features
+                    else flat[f"{path}/kernel"]) for path, s in specs.items() if s.weighted}
   for path, kernel in kernels.items():
     observers.check_calibration_data(kernel, f"weight of layer {path}")
     k, n = int(np.prod(kernel.shape[:-1])), int(kernel.shape[-1])

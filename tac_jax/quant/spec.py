@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -88,6 +88,13 @@ class LayerSpec:
   group_size: int = 0   # > 0: the group-wise path (quant/groupwise.py)
   split: int = 0        # > 0: input channels [0, split) and [split, C) have their own ranges
   low_rank: int = 0     # rank of the float branch on that path
+  # nn.DenseGeneral: it contracts the input's last `in_axes` axes, and its output's last
+  # axes are `features`; its kernel is quantized as the 2-D [prod(in), prod(features)].
+  in_axes: int = 1
+  features: Tuple[int, ...] = ()
+
+  def __post_init__(self):   # a record read back from JSON holds a list
+    object.__setattr__(self, "features", tuple(int(f) for f in self.features))
 
   @property
   def packed(self) -> bool:
@@ -108,6 +115,8 @@ FLOAT_REASONS = {
     "matmul": "attention matmul, runs in float (QuantConfig.attention_matmuls=True quantizes it)",
     "transpose": ("nn.ConvTranspose with transpose_kernel=True or CIRCULAR padding has no "
                   "integer path (left in float)"),
+    "dense_general": ("nn.DenseGeneral with batch_dims or contracted axes other than the "
+                      "input's last ones has no quantized path (left in float)"),
 }
 
 
@@ -119,6 +128,8 @@ def unsupported(kind: str, config: QuantConfig) -> Optional[str]:
     return "group"       # the group-wise path has no transposed conv
   if kind == "conv_transpose_unsupported":
     return "transpose"
+  if kind == "dense_general_unsupported":
+    return "dense_general"
   return None
 
 
@@ -143,7 +154,9 @@ def layer_path(module: nn.Module) -> str:
   return "/".join(module.path)
 
 
-WEIGHTED = {nn.Dense: "dense", nn.Conv: "conv", nn.ConvTranspose: "conv_transpose"}
+# nn.DenseGeneral runs as a Dense on its flattened contracted axes (`general_axes`).
+WEIGHTED = {nn.Dense: "dense", nn.DenseGeneral: "dense", nn.Conv: "conv",
+            nn.ConvTranspose: "conv_transpose"}
 LAYER_KINDS = {**WEIGHTED, Einsum: "matmul"}   # matmul: a product of two activations
 
 
@@ -164,20 +177,47 @@ def layer_kind(module: nn.Module) -> str:
   return kind
 
 
+def general_axes(module: nn.Module, ndim: int) -> Optional[int]:
+  """How many trailing input axes an nn.DenseGeneral on a rank-`ndim` input contracts
+  (None: batch_dims, or contracted axes that are not the last ones)."""
+  axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+  axes = sorted(a % ndim for a in axes)
+  if module.batch_dims or axes != list(range(ndim - len(axes), ndim)):
+    return None
+  return len(axes)
+
+
+def flat_input(module: nn.Module, x):
+  """A layer's input as its kernel's rows see it: a supported nn.DenseGeneral's contracted
+  axes flattened into one (other layers: x itself)."""
+  n = general_axes(module, x.ndim) if type(module) is nn.DenseGeneral else None
+  if n is None:   # not a DenseGeneral, or one left in float
+    return x
+  return x.reshape(x.shape[:x.ndim - n] + (-1,))
+
+
 def time_group(t, num_timesteps: int, groups: int) -> jax.Array:
   """Group index of (scalar) diffusion timestep t when [0, T) is split into equal bins."""
   t = jnp.reshape(jnp.asarray(t), (-1,))[0]
   return jnp.clip((t.astype(jnp.int32) * groups) // num_timesteps, 0, groups - 1)
 
 
-def list_layers(module: nn.Module, variables, *args, **kwargs) -> Dict[str, str]:
-  """Maps the path of every Dense/Conv/ConvTranspose layer a call touches to its kind."""
+def list_layers(module: nn.Module, variables, *args, general=None, **kwargs) -> Dict[str, str]:
+  """Maps the path of every Dense/DenseGeneral/Conv/ConvTranspose layer a call touches to
+  its kind; `general` (a dict) receives each supported DenseGeneral's (in_axes, features)."""
   found: Dict[str, str] = {}
 
   def intercept(next_fun, a, kw, context):
     m = context.module
     if context.method_name == "__call__" and is_quantizable(m):
-      found[layer_path(m)] = layer_kind(m)
+      path, kind = layer_path(m), layer_kind(m)
+      if type(m) is nn.DenseGeneral:
+        n = general_axes(m, a[0].ndim)
+        feats = m.features if isinstance(m.features, (tuple, list)) else (m.features,)
+        kind = "dense" if n is not None else "dense_general_unsupported"
+        if n is not None and general is not None:
+          general[path] = (n, tuple(int(f) for f in feats))
+      found[path] = kind
     return next_fun(*a, **kw)
 
   with nn.intercept_methods(intercept):
