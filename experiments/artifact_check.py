@@ -74,7 +74,8 @@ def main():
   text = "\n".join(lines) + "\n"
   print(text)
   if outdir:
-    print(f"wrote {files.write_report(outdir, text, {f: flags.FLAGS[f].value for f in _CONFIG_FLAGS})}")
+    config = {f: flags.FLAGS[f].value for f in _CONFIG_FLAGS}
+    print(f"wrote {files.write_report(outdir, text, config)}")
 
 
 if __name__ == "__main__":

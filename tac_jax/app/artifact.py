@@ -163,8 +163,8 @@ def export(directory: str, model: stages.Model, qm: quant.QuantizedModel, sample
 
 def _stored(variables):
   """The variables without what `_derive` recomputes."""
-  q = {p: {n: a for n, a in layer.items() if n != DERIVED}
-       for p, layer in traverse_util.flatten_dict(variables[QUANT], sep="/", is_leaf=_is_layer).items()}
+  layers = traverse_util.flatten_dict(variables[QUANT], sep="/", is_leaf=_is_layer)
+  q = {p: {n: a for n, a in layer.items() if n != DERIVED} for p, layer in layers.items()}
   return {**variables, QUANT: traverse_util.unflatten_dict(q, sep="/")}
 
 
@@ -179,9 +179,10 @@ def _derive(variables, specs: Dict[str, LayerSpec], where: str):
                      f"{QUANT}; re-export it.")
   flat = traverse_util.flatten_dict(variables[QUANT], sep="/", is_leaf=_is_layer)
   missing = sorted(p for p, s in specs.items() if s.weighted and p not in flat)
-  if missing:
-    raise ValueError(f"corrupt {where}: no quantized weights for layer {missing[0]} "
-                     f"({len(missing)} missing); re-export it.")
+  unknown = sorted(set(flat) - set(specs))
+  if missing or unknown:
+    raise ValueError(f"corrupt {where}: the quantized weights and the recorded layers differ "
+                     f"(first {(missing + unknown)[0]}); re-export it.")
   per_channel = {p: layer["w"] for p, layer in flat.items() if not specs[p].group_size}
 
   @jax.jit   # one program for every layer (eager ops would compile once per shape)
@@ -224,8 +225,10 @@ def load(directory: str) -> Artifact:
     spec = SamplerSpec(**record["sampler"])
     model = _rebuild_model(record, where)
   except (KeyError, TypeError) as e:
-    raise ValueError(f"corrupt {where}: {ARTIFACT_JSON} lacks or mangles {e}; re-export it.") from None
-  variables = _derive(array_file.load_arrays(os.path.join(directory, VARIABLES), where), specs, where)
+    raise ValueError(f"corrupt {where}: {ARTIFACT_JSON} lacks or mangles {e}; "
+                     "re-export it.") from None
+  stored = array_file.load_arrays(os.path.join(directory, VARIABLES), where)
+  variables = _derive(stored, specs, where)
   sampler = spec.build(model.schedule)
   if "sampler_coeffs" in record:
     c = record["sampler_coeffs"]
