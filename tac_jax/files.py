@@ -368,4 +368,3 @@ def restore_tree(path: str, what: str):
   except Exception as e:
     raise ValueError(f"could not read {what} from {path}: {type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''}") from None
-

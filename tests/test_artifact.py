@@ -5,6 +5,7 @@ docs/results_artifact.)"""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -106,12 +107,6 @@ def test_loaded_artifact_samples_as_the_main_job_does(small_artifact):
                                   np.asarray(want))
 
 
-def _copy(src, dst):
-  import shutil  # pylint: disable=import-outside-toplevel
-  shutil.copytree(src, dst)
-  return dst
-
-
 @pytest.mark.parametrize("damage,message", [
     ("truncate", "does not match the checksum"),
     ("delete", "is missing"),
@@ -119,7 +114,7 @@ def _copy(src, dst):
     ("format", "format"),
 ])
 def test_a_damaged_artifact_gives_one_clear_error(small_artifact, tmp_path, damage, message):
-  out = _copy(small_artifact[0], str(tmp_path / "a"))
+  out = shutil.copytree(small_artifact[0], str(tmp_path / "a"))
   arrays, record = os.path.join(out, artifact.VARIABLES), os.path.join(out, artifact.ARTIFACT_JSON)
   if damage == "truncate":
     with open(arrays, "r+b") as f:

@@ -57,24 +57,13 @@ DERIVED = "w_sum"   # per-layer integer column sums: recomputed from w at load
 _FILE_FIELDS = ("checksums", "param_shapes")
 
 
-def sampling_run(sampler: samplers.Sampler):
-  """Jitted (apply_fn, method, variables, params, x_T, key) -> x_0 on `sampler`, with
-  `method`'s fitted params applied online (apply_fn and method static)."""
-
-  def run(apply_fn, method, variables, params, x_T, key):
-    online = compensation.online_sampler(method, sampler, params,
-                                         compensation.Net(apply_fn, variables))
-    return samplers.sample(apply_fn, variables, online, x_T, key)[0].x
-
-  return jax.jit(run, static_argnums=(0, 1))
-
-
 def sample(qm: quant.QuantizedModel, sampler: samplers.Sampler, cal: compensation.Calibration,
            x_T, key, mode: str = "int") -> jax.Array:
   """Final samples of the quantized model `qm` (fake-quant or integer kernels) with the
   fitted compensation `cal` applied online (compiles on each call; `Artifact.sample`
   keeps its program)."""
-  return sampling_run(sampler)(qm.apply_fn(mode), cal.method, qm.variables, cal.params, x_T, key)
+  run = stages.final_sampler_run(qm.apply_fn(mode), sampler, cal.method)
+  return run(qm.variables, cal.params, x_T, key)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -100,16 +89,17 @@ class Artifact:
   def sample(self, x_T, key, mode: str = "int") -> jax.Array:
     """x_0 from noise x_T [B, H, W, C] (a class-conditional model: sample i asks for
     labels[i % len(labels)])."""
-    want = (None,) + tuple(self.shape)
-    if np.ndim(x_T) != 4 or tuple(np.shape(x_T)[1:]) != want[1:]:
+    if np.ndim(x_T) != 4 or tuple(np.shape(x_T)[1:]) != tuple(self.shape):
       raise ValueError(f"x_T must be [B, {', '.join(map(str, self.shape))}] for this artifact, "
                        f"got shape {list(np.shape(x_T))}.")
-    return self._run(self.apply_fn(mode), self.calibration.method, self.qmodel.variables,
-                     self.calibration.params, x_T, key)
+    if mode not in self._runs:   # one compiled program per mode, kept
+      self._runs[mode] = stages.final_sampler_run(self.apply_fn(mode), self.sampler,
+                                                  self.calibration.method)
+    return self._runs[mode](self.qmodel.variables, self.calibration.params, x_T, key)
 
   @functools.cached_property
-  def _run(self):
-    return sampling_run(self.sampler)
+  def _runs(self) -> Dict[str, Any]:
+    return {}
 
 
 def _model_record(model: stages.Model) -> Dict[str, Any]:
