@@ -16,6 +16,9 @@ def get_config():
   # model's own) and the requested classes, a comma list cycled over the samples ("" = all).
   c.guidance_scale = ml_collections.config_dict.placeholder(float)
   c.labels = ""
+  # config.model=diffusers:PATH (a Stable Diffusion-family folder): the prompts' text-encoder
+  # embeddings, an .npz (tac_jax.models.latent); guided at guidance_scale (None: 7.5)
+  c.conditions = ""
   c.seed = 0                        # calibration and evaluation noise derive from this
   c.sampler = "ddim"                # 'ddim', 'ddpm', 'dpm' (DPM-Solver++ 2M); flow models: 'euler', 'heun'
   c.num_steps = 20

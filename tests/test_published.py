@@ -41,7 +41,8 @@ def test_leaderboard_and_readme_table_regenerate_from_the_result_folders():
 # Config fields added after the folders were published, at values that keep the earlier
 # behaviour (guidance and shift act on conditional / flow models; export is off): a recorded config without them equals one
 # with these values.
-ADDED_SINCE = {"guidance_scale": None, "labels": "", "shift": 0.0, "export": ""}
+ADDED_SINCE = {"guidance_scale": None, "labels": "", "shift": 0.0, "export": "",
+               "conditions": ""}
 
 
 @pytest.mark.parametrize("folder, config, overrides", [

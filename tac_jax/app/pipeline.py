@@ -79,7 +79,8 @@ def set_up(job: JobSpec, log: Progress) -> _Context:
   """Model, sampler, seeds (sharded when data parallel) and the float reference."""
   common = job.common
   spec = common.model
-  model = stages.load_model(spec.checkpoint, spec.factory, spec.guidance_scale, spec.labels)
+  model = stages.load_model(spec.checkpoint, spec.factory, spec.guidance_scale, spec.labels,
+                            spec.conditions)
   log(f"model {model.checkpoint}: {sum(x.size for x in jax.tree.leaves(model.params)):,} params, "
       f"{'x'.join(map(str, model.shape))}, {model.prediction} prediction"
       + (f", classes {list(model.labels)}" if model.labels is not None else "")
@@ -103,7 +104,7 @@ def set_up(job: JobSpec, log: Progress) -> _Context:
   if fd is not None and labels is not None:
     ctx.float_label_accuracy = fd.label_accuracy(ref.x, labels)
     log(f"label accuracy of the float model's samples: {100 * ctx.float_label_accuracy:.1f}%")
-  ctx.samples["float"] = to_host(ref.x)  # a gather: every process calls it
+  ctx.samples["float"] = to_host(ref.images)  # a gather: every process calls it
   return ctx
 
 
@@ -111,7 +112,7 @@ def _method_entry(ctx: _Context, qm, where, cal: compensation.Calibration, mem) 
   """Evaluation of one fitted method: metrics, samples kept for the grids, int path."""
   noise, (setting, obs) = ctx.noise, where
   m = stages.evaluate(ctx.jit, qm, cal, noise.x_eval, noise.key_eval, ctx.ref, ctx.fd,
-                      ctx.labels)
+                      ctx.labels, ctx.model.decode)
   ctx.samples[(setting, obs, cal.method)] = m.pop("x")
   if "features" in m:   # kept for paired bootstrap intervals (experiments/leaderboard.py)
     ctx.features[f"{setting}/{obs}/{cal.method}"] = m.pop("features")
@@ -123,7 +124,7 @@ def _method_entry(ctx: _Context, qm, where, cal: compensation.Calibration, mem) 
     entry["safe"] = cal.report.to_json()
   if ctx.job.int_path and cal.method in ("none", ctx.job.default):
     x_i, _, _ = ctx.jit.sample(qm.apply_fn("int"), qm.variables, cal, noise.x_eval, noise.key_eval)
-    entry["psnr_int"] = stages.psnr_stats(x_i, ctx.ref.x)
+    entry["psnr_int"] = stages.psnr_stats(ctx.model.image(x_i), ctx.ref.images)
   return entry
 
 

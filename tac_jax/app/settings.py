@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import ml_collections
 
 from tac_jax import compensation, files
-from tac_jax.app.stages import import_user_module, resolve_factory
+from tac_jax.app.stages import DIFFUSERS_PREFIX, import_user_module, resolve_factory
 from tac_jax.diffusion import flow, guidance, multistep, samplers
 from tac_jax.models import checkpoint as ckpt_lib
 from tac_jax.quant import presets
@@ -195,6 +195,7 @@ class ModelSpec:
   checkpoint: str = ""
   guidance_scale: Optional[float] = None   # class-conditional checkpoints: None = the model's
   labels: Optional[Tuple[int, ...]] = None  # requested classes, cycled; None = every class
+  conditions: str = ""   # factory "diffusers:PATH": the prompt embeddings .npz (models.latent)
 
 
 def model_spec(config) -> ModelSpec:
@@ -209,8 +210,19 @@ def model_spec(config) -> ModelSpec:
     scale = None
   labels = config.get("labels", "") or ""
   labels = parse_ints(labels, "config.labels", 0) if str(labels).strip() else None
-  spec = ModelSpec(config.get("model", "") or "", checkpoint, scale, labels)
-  if spec.factory:
+  spec = ModelSpec(config.get("model", "") or "", checkpoint, scale, labels,
+                   config.get("conditions", "") or "")
+  if spec.factory.startswith(DIFFUSERS_PREFIX):
+    if labels is not None or checkpoint:
+      raise ValueError("config.model=diffusers:PATH is a text-conditioned pipeline: give its "
+                       "prompts as config.conditions, not config.labels / config.checkpoint.")
+    if not spec.conditions:
+      raise ValueError("config.model=diffusers:PATH needs config.conditions: an .npz of the "
+                       "prompts' text-encoder embeddings (tac_jax.models.latent).")
+  elif spec.conditions:
+    raise ValueError("config.conditions is for config.model=diffusers:PATH (a text-conditioned "
+                     "diffusers pipeline).")
+  elif spec.factory:
     resolve_factory(spec.factory)
     if scale is not None or labels is not None:
       raise ValueError("config.guidance_scale / config.labels apply to shipped or trained "

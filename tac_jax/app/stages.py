@@ -34,7 +34,7 @@ from tac_jax.compensation import propagation
 from tac_jax.host import to_host
 from tac_jax.metrics import frechet
 from tac_jax.models import checkpoint as ckpt_lib
-from tac_jax.models import dit_factory
+from tac_jax.models import dit_factory, latent
 from tac_jax.validate import check_applies
 
 
@@ -84,6 +84,13 @@ class Model:
   shape: Tuple[int, int, int]
   labels: Optional[Tuple[int, ...]] = None
   guidance_scale: Optional[float] = None
+  # latents -> images (a latent model, e.g. a diffusers SD folder: its VAE decoder); the
+  # metrics and grids compare images, the error model the latents. None: samples are images.
+  decode: Optional[Callable[[jax.Array], jax.Array]] = None
+
+  def image(self, x):
+    """The images of samples `x` (decoded latents, or x itself)."""
+    return x if self.decode is None else self.decode(x)
 
   @property
   def channels(self) -> int:
@@ -117,14 +124,18 @@ def schedule_of(meta: Dict[str, Any]):
 
 
 def load_model(checkpoint: str = "", factory: str = "", guidance_scale: Optional[float] = None,
-               labels: Optional[Tuple[int, ...]] = None) -> Model:
+               labels: Optional[Tuple[int, ...]] = None, conditions: str = "") -> Model:
   """A checkpoint directory or shipped name ("" = the shipped default model; UNet or DiT,
   epsilon or flow),
   or any Flax model from `factory` = "package.module:function" (see `model_from_factory`).
 
   A class-conditional DiT checkpoint is guided (classifier-free, one batched call) at
   `guidance_scale` (None: the scale its model.json records, else 1) on `labels` (None:
-  every class), sample i asking for labels[i % len(labels)]."""
+  every class), sample i asking for labels[i % len(labels)]. `factory` = "diffusers:PATH"
+  is a diffusers SD-family folder guided on the prompts of the `conditions` .npz
+  (`diffusers_model`)."""
+  if factory.startswith(DIFFUSERS_PREFIX):
+    return diffusers_model(factory[len(DIFFUSERS_PREFIX):], conditions, guidance_scale)
   if factory:
     return model_from_factory(factory)
   if checkpoint in ckpt_lib.SHIPPED:
@@ -152,6 +163,25 @@ def checkpoint_model(module, params, meta: Dict[str, Any], directory: str,
                      "empty.")
   return Model(module, params, schedule_of(meta), meta, directory, shape, labels,
                None if labels is None else module.scale)
+
+
+DIFFUSERS_PREFIX = "diffusers:"
+
+
+def diffusers_model(directory: str, conditions: str, guidance_scale: Optional[float] = None
+                    ) -> Model:
+  """A diffusers SD-family folder (unet/, vae/, scheduler/) as a latent `Model`: the UNet
+  guided at `guidance_scale` (None: 7.5) on the prompt embeddings of `conditions`
+  (`models.latent`), sampled in latent space, decoded by its VAE for the metrics."""
+  if not conditions:
+    raise ValueError("config.model=diffusers:PATH needs config.conditions: an .npz of the text "
+                     "encoder's embeddings (encoder_hidden_states, null_encoder_hidden_states; "
+                     "tac_jax.models.latent).")
+  pipe = latent.load_pipeline(directory, conditions, guidance_scale)
+  meta = {"factory": DIFFUSERS_PREFIX + directory, "conditions": conditions,
+          "prompts": pipe.num_prompts, "vae_scaling_factor": pipe.vae_config.scaling_factor}
+  return Model(pipe.module, pipe.params, make_schedule(**pipe.schedule), meta,
+               DIFFUSERS_PREFIX + directory, pipe.shape, None, pipe.module.scale, pipe.decode)
 
 
 def import_user_module(name: str, what: str):
@@ -259,16 +289,17 @@ def shard_noise(spec, model: Model, noise: Noise, log) -> Tuple[Model, Noise]:
 
 class Compiled:
   """The jitted runs of one model and sampler. The network's apply function and the
-  method name are static arguments (a hashable `QuantizedApply` or the float apply), so
-  models that share one (same bits, different observers) share the compiled code."""
+  method's `online` (how it applies its params while sampling) are static arguments (a
+  hashable `QuantizedApply` or the float apply; a function), so models that share one
+  (same bits, different observers) and methods that share one (every method applied by
+  `compensate`: plain PTQ, tcec, tcec_safe, tac, ...) share the compiled code."""
 
   def __init__(self, model: Model, sampler: samplers.Sampler):
     self.sampler = sampler
     apply_fp = model.module.apply
 
-    def run(apply_fn, method, variables, params, x_T, key):
-      online = compensation.online_sampler(method, sampler, params,
-                                           compensation.Net(apply_fn, variables))
+    def run(apply_fn, online, variables, params, x_T, key):
+      online = online(sampler, params, compensation.Net(apply_fn, variables))
       state, traj = samplers.sample(apply_fn, variables, online, x_T, key, return_trajectory=True)
       return state.x, traj, state.error.e_hat
 
@@ -292,7 +323,8 @@ class Compiled:
 
   def sample(self, apply_fn, variables, cal: compensation.Calibration, x_T, key):
     """(final samples, trajectory, e_hat) of `cal`'s method and params."""
-    return self.run(apply_fn, cal.method, variables, cal.params, x_T, key)
+    return self.run(apply_fn, compensation.get(cal.method).online, variables, cal.params,
+                    x_T, key)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -300,11 +332,17 @@ class Compiled:
 class FloatReference(NamedTuple):
   x: jax.Array        # final float samples
   out: jax.Array      # [N+1, B, ...] the float run's step outputs (x_T first)
+  image: Optional[jax.Array] = None   # their images (decoded latents); None: x itself
+
+  @property
+  def images(self) -> jax.Array:
+    return self.x if self.image is None else self.image
 
 
 def float_reference(jit: Compiled, model: Model, x_T, key) -> FloatReference:
   x, traj, _ = jit.sample(model.module.apply, model.variables, jit.none, x_T, key)
-  return FloatReference(x, samplers.step_outputs(traj, x))
+  return FloatReference(x, samplers.step_outputs(traj, x),
+                        None if model.decode is None else model.decode(x))
 
 
 def calibration_batches(jit: Compiled, model: Model, noise: Noise) -> List[Any]:
@@ -364,19 +402,22 @@ def stats(values) -> Dict[str, float]:
 
 def evaluate(jit: Compiled, qm: quant.QuantizedModel, cal: compensation.Calibration, x_T, key,
              ref: FloatReference, fd: Optional["FrechetReference"] = None,
-             labels: Optional[np.ndarray] = None) -> Dict[str, Any]:
+             labels: Optional[np.ndarray] = None,
+             decode: Optional[Callable] = None) -> Dict[str, Any]:
   """Samples with `cal` (fake-quant) and compares with the float samples on the same
   noise: PSNR / SSIM ({mean, std} over samples), contrast and sharpness ratios, per-step
   error RMS, Frechet distances when `fd` is given (with the samples' "features"), the
   label accuracy when `labels` (each sample's requested class) are given too, and the
-  samples themselves ("x", on the host)."""
+  samples themselves ("x", on the host); with `decode` (latents -> images) the metrics and
+  samples are the images', the per-step error the latents'."""
   x_q, traj, _ = jit.sample(qm.apply_fn("fake"), qm.variables, cal, x_T, key)
-  p, s, q = _sample_metrics(x_q, ref.x)
+  image = x_q if decode is None else decode(x_q)
+  p, s, q = _sample_metrics(image, ref.images)
   out = {"psnr": stats(p), "ssim": stats(s), "psnr_samples": to_host(p).astype(float).tolist(),
          "std_ratio": float(to_host(q["std_ratio"])),
          "sharpness_ratio": float(to_host(q["sharpness_ratio"])),
          "error_rms_per_step": to_host(_error_rms(traj, x_q, ref.out)).tolist(),
-         "x": to_host(x_q)}
+         "x": to_host(image)}
   if fd is not None:
     out.update(fd.distances(out["x"]))
     if labels is not None:

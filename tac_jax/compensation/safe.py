@@ -235,8 +235,8 @@ class _Scorer:
                       if config.fd_guard and config.fd_resamples else None)
     q, sampler = ctx.q, ctx.sampler
 
-    def score(base_params, base):
-      s = registry.get(base).online(sampler, base_params, q)
+    def score(base_params, online):   # static on `online`: bases applied alike share one program
+      s = online(sampler, base_params, q)
       x = sample(q.apply, q.variables, s, x_val, key_val)[0].x
       r = metrics.quality_ratios(x, x_ref)
       return (jnp.mean(metrics.psnr(x, x_ref)), r["std_ratio"], r["sharpness_ratio"],
@@ -250,7 +250,7 @@ class _Scorer:
                         segment_strengths(offset, N, self.segments))
 
   def __call__(self, base, gain, offset) -> Candidate:
-    *scores, x = self.score(self.params(base, gain, offset), base)
+    *scores, x = self.score(self.params(base, gain, offset), registry.get(base).online)
     psnr, std_r, sharp_r, finite = (float(to_host(v)) for v in scores)
     fd, resampled = float("nan"), None
     if self.config.fd_guard and not finite:

@@ -9,7 +9,7 @@ import numpy as np
 
 from tac_jax.validate import is_integer, is_real
 
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("uniform", "linspace", "quadratic", "leading", "trailing")
 # The smallest alphas_cumprod a schedule may reach: sampler coefficients divide by sqrt(abar).
 MIN_ALPHAS_CUMPROD = 1e-20
@@ -77,7 +77,8 @@ def _check_betas(name, betas, hint) -> None:
 
 def make_schedule(name: str = "linear", num_timesteps: int = 1000, beta_start: float = 1e-4,
                   beta_end: float = 0.02, cosine_s: float = 8e-3) -> Schedule:
-  """`linear` (DDPM, Ho et al.) or `cosine` (Nichol & Dhariwal) schedule, float64.
+  """`linear` (DDPM, Ho et al.), `scaled_linear` (Stable Diffusion: linear in sqrt(beta)) or
+  `cosine` (Nichol & Dhariwal) schedule, float64.
 
   ValueError, naming the argument, for a non-integer num_timesteps (or < 2), non-finite
   betas' ends, betas outside (0, 1), or an alphas_cumprod that falls below
@@ -86,6 +87,10 @@ def make_schedule(name: str = "linear", num_timesteps: int = 1000, beta_start: f
   if name == "linear":
     betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
     hint = f"check beta_start={beta_start} and beta_end={beta_end} (DDPM uses 1e-4 and 0.02)"
+  elif name == "scaled_linear":   # Stable Diffusion's: linear in sqrt(beta)
+    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=np.float64) ** 2
+    hint = (f"check beta_start={beta_start} and beta_end={beta_end} (Stable Diffusion uses "
+            "0.00085 and 0.012)")
   else:
     hint = f"check cosine_s={cosine_s} (Nichol & Dhariwal use 8e-3)"
     s = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps

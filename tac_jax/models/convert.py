@@ -41,7 +41,8 @@ from tac_jax.validate import is_integer
 
 CONFIG_NAME = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
-BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}   # diffusers -> ours
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",   # diffusers -> ours
+                  "squaredcos_cap_v2": "cosine"}
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                  "model.safetensors", "pytorch_model.bin")
 LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -300,7 +301,7 @@ def schedule_from_config(path: str) -> Dict[str, Any]:
   if not is_integer(T) or T < 2:
     raise ValueError(f"{where}: num_train_timesteps must be an integer >= 2, got {T!r}.")
   out = {"name": BETA_SCHEDULES[kind], "num_timesteps": T}
-  if kind == "linear":
+  if kind in ("linear", "scaled_linear"):
     out.update(beta_start=s.get("beta_start", 1e-4), beta_end=s.get("beta_end", 0.02))
   try:
     make_schedule(**out)
