@@ -153,3 +153,24 @@ def test_clear_errors_for_what_qwix_cannot_do(unet, monkeypatch):
   monkeypatch.setattr(qwix_base, "qwix", None)
   with pytest.raises(ImportError, match=r"pip install -e '\.\[qwix\]'"):
     qwix_base.quantize_with_qwix(module, params, calib, QuantConfig())
+
+
+def test_main_job_runs_every_compensator_on_the_qwix_base(tiny_model_dir, tmp_path):
+  """--config.ptq=qwix: the main job quantizes with qwix and runs the compensators on top
+  (int path included); the artifact export refuses an external base before any work."""
+  from configs_loader import load_config   # pylint: disable=import-outside-toplevel
+  from tac_jax.app import pipeline   # pylint: disable=import-outside-toplevel
+  cfg = load_config("quantize")
+  cfg.update(dict(checkpoint=tiny_model_dir(8), ptq="qwix", num_steps=3, num_calib=4,
+                  num_eval=4, settings="W8A8", methods="none,tcec,tac", default_method="tcec",
+                  frechet=False, timing_repeats=0))
+  res = pipeline.run(cfg, str(tmp_path / "run"), verbose=False)
+  runs = {r["method"]: r for r in res["runs"]}
+  assert set(runs) == {"none", "tcec", "tac"} and {r["ptq"] for r in res["runs"]} == {"qwix"}
+  for r in runs.values():
+    assert np.isfinite(r["psnr_fake"]["mean"])
+  assert abs(runs["none"]["psnr_int"]["mean"] - runs["none"]["psnr_fake"]["mean"]) < 1.0
+  bad = cfg.copy_and_resolve_references()
+  bad.export = str(tmp_path / "export")
+  with pytest.raises(ValueError, match="external base"):
+    pipeline.validate(bad)

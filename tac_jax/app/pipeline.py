@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tac_jax import compensation, files
+from tac_jax import compensation, files, quant
 from tac_jax.app import artifact, report, stages, viz
 from tac_jax.app.settings import SETTINGS, JobSpec, job_spec, method_options
 from tac_jax.app.stages import Compiled, FrechetReference, Model, Noise, Progress, measure_overhead
@@ -153,7 +153,7 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
   of one setting."""
   log, job, tag = ctx.log, ctx.job, f"{setting}_{obs}"
   qm = stages.quantize(ctx.model, ctx.calib,
-                       presets.quant_config(job.common.quant, *SETTINGS[setting], obs))
+                       presets.quant_config(job.common.quant, *SETTINGS[setting], obs), obs)
   mem = qm.memory_report(ctx.model.params)
   log(f"{tag}: PTQ done ({len(qm.specs)} layers, weights {mem['layers_float32'] / 1e6:.2f} MB"
       f" float -> {mem['layers_stored'] / 1e6:.2f} MB)")
@@ -185,6 +185,10 @@ def evaluate_setting(ctx: _Context, setting: str, obs: str, timed: bool) -> List
 def _export(ctx: _Context, qm, cal: compensation.Calibration, tag: str) -> Dict[str, Any]:
   """Writes the setting's artifact (the default method) below config.export; its size."""
   path = os.path.join(ctx.job.export, tag)
+  if not isinstance(qm, quant.QuantizedModel):
+    raise ValueError(f"config.export: {tag} was quantized by an external base "
+                     f"({type(qm).__name__}); the artifact stores tac_jax's own PTQ only. "
+                     "Leave config.export empty for that preset.")
   if jax.process_index() != 0:
     return {"path": path}
   rec = artifact.export(path, ctx.model, qm, ctx.job.sampler, cal, ctx.jit.sampler)

@@ -316,6 +316,10 @@ def job_spec(config: ml_collections.ConfigDict) -> JobSpec:
                        "drop them.")
   if default not in methods:   # e.g. a short list of methods: show the last one
     default = methods[-1]
+  external = [p for p in ptq if p in presets.EXTERNAL]
+  if external and config.get("export", ""):
+    raise ValueError(f"config.export: the artifact stores tac_jax's own PTQ, not the external "
+                     f"base {external}; leave config.export empty or pick another config.ptq.")
   return JobSpec(common=eval_spec(config, methods, ptq[0]),
                  seed=_integer(config, "seed", 0),
                  sampler=sampler_spec(config, config.sampler, _integer(config, "num_steps", 1),

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tac_jax import compensation, data, metrics, parallel, quant
+from tac_jax.quant import presets
 from tac_jax.diffusion import flow, samplers
 from tac_jax.diffusion.schedules import make_schedule
 from tac_jax.compensation import propagation
@@ -353,9 +354,16 @@ def calibration_batches(jit: Compiled, model: Model, noise: Noise) -> List[Any]:
   return samplers.calibration_batches(traj, jit.sampler)
 
 
-def quantize(model: Model, calib, qconfig: quant.QuantConfig) -> quant.QuantizedModel:
-  return quant.quantize_model(model.module, model.params, calib, qconfig,
-                              model.schedule.num_timesteps)
+def quantize(model: Model, calib, qconfig: quant.QuantConfig, preset: str = "minmax"):
+  """The PTQ of `model` with `qconfig`: tac_jax's own (`quant.quantize_model`), or, for an
+  external base preset (presets.EXTERNAL: "qwix"), that library's through its adapter
+  (imported only then: an optional dependency)."""
+  if preset in presets.EXTERNAL:
+    module_name, fn = presets.EXTERNAL[preset].split(":")
+    quantize_fn = getattr(importlib.import_module(module_name), fn)
+  else:
+    quantize_fn = quant.quantize_model
+  return quantize_fn(model.module, model.params, calib, qconfig, model.schedule.num_timesteps)
 
 
 def analyse_propagation(jit: Compiled, model: Model, qm: quant.QuantizedModel, noise: Noise):

@@ -94,7 +94,7 @@ def _record(ev: Dict[str, Any], **kw) -> Dict[str, Any]:
 def _quantize(s: _Setup, calib, setting: str, option: str):
   obs, groups = ptq_option(option)
   qc = presets.quant_config(s.spec.common.quant, *SETTINGS[setting], obs, time_groups=groups)
-  return stages.quantize(s.model, calib, qc)
+  return stages.quantize(s.model, calib, qc, obs)
 
 
 def _setting_runs(s: _Setup, out, seed, noise, refs, calib, setting, grids) -> None:

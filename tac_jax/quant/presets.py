@@ -19,6 +19,9 @@ Presets (the ladder the main job and the sweep can run, each with every compensa
     smoothquant  groupwise after SmoothQuant migration (alpha = `smooth_alpha`)
     svdquant     smoothquant + a rank-`low_rank` float branch (SVDQuant)
     svdquant_bc  svdquant + bias correction
+    qwix         Google's qwix PTQ (quant.qwix_base, the `qwix` extra) on minmax's layer
+                 choices and static activation ranges: symmetric per-channel weights
+                 (docs/qwix.md says what it covers)
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ PRESETS = {
     "svdquant_bc": {"group_size": "{group}", "smooth_alpha": "{alpha}", "low_rank": "{rank}",
                     "bias_correction": True},
 }
+# Presets run by another library's PTQ: name -> "module:function" with quantize_model's
+# signature (imported when used: optional dependencies).
+EXTERNAL = {"qwix": "tac_jax.quant.qwix_base:quantize_with_qwix"}
+PRESETS["qwix"] = {}
 PRESET_PARAMS = {"group": "group_size", "rank": "low_rank", "alpha": "smooth_alpha",
                  "split": "split_layers"}
 
