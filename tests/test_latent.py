@@ -35,22 +35,29 @@ def _randomise(torch, model, seed):
   return model.eval()
 
 
+def write_tiny_sd(root: str, torch, diffusers):
+  """Writes a tiny random SD-like folder (unet/, vae/, scheduler/) and its prompts.npz in
+  `root`; returns (torch unet, torch vae, conditions path). Also experiments/tiny_sd_folder.py."""
+  unet = _randomise(torch, diffusers.UNet2DConditionModel(**UNET), 0)
+  vae = _randomise(torch, diffusers.AutoencoderKL(**VAE), 1)
+  unet.save_pretrained(os.path.join(root, "unet"))
+  vae.save_pretrained(os.path.join(root, "vae"))
+  diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012).save_pretrained(os.path.join(root, "scheduler"))
+  rng = np.random.RandomState(2)
+  conds = os.path.join(root, "prompts.npz")
+  np.savez(conds, encoder_hidden_states=rng.randn(PROMPTS, TOKENS, 16).astype(np.float32),
+           null_encoder_hidden_states=rng.randn(1, TOKENS, 16).astype(np.float32))
+  return unet, vae, conds
+
+
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
   """(torch, unet, vae, folder, conditions .npz) of a tiny random SD-like pipeline."""
   torch, diffusers = torch_and_diffusers()
-  root = tmp_path_factory.mktemp("sd")
-  unet = _randomise(torch, diffusers.UNet2DConditionModel(**UNET), 0)
-  vae = _randomise(torch, diffusers.AutoencoderKL(**VAE), 1)
-  unet.save_pretrained(str(root / "unet"))
-  vae.save_pretrained(str(root / "vae"))
-  diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                          beta_end=0.012).save_pretrained(str(root / "scheduler"))
-  rng = np.random.RandomState(2)
-  conds = str(root / "prompts.npz")
-  np.savez(conds, encoder_hidden_states=rng.randn(PROMPTS, TOKENS, 16).astype(np.float32),
-           null_encoder_hidden_states=rng.randn(1, TOKENS, 16).astype(np.float32))
-  return torch, unet, vae, str(root), conds
+  root = str(tmp_path_factory.mktemp("sd"))
+  unet, vae, conds = write_tiny_sd(root, torch, diffusers)
+  return torch, unet, vae, root, conds
 
 
 def test_guided_unet_and_decoder_equal_diffusers(sd_folder):

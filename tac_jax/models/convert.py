@@ -218,6 +218,19 @@ def abstract_params(config: UNetConfig):
                         jnp.zeros((1,), jnp.int32))["params"]
 
 
+def load_weights(path: str) -> Dict[str, np.ndarray]:
+  """A state dict from one weights file (`load_state_dict`) or a sharded-safetensors
+  index (`*.index.json`: every shard it names, next to it)."""
+  if not path.endswith(".index.json"):
+    return load_state_dict(path)
+  with open(path) as f:
+    shards = sorted(set(json.load(f)["weight_map"].values()))
+  out: Dict[str, np.ndarray] = {}
+  for shard in shards:
+    out.update(load_state_dict(os.path.join(os.path.dirname(path), shard)))
+  return out
+
+
 def flax_path(torch_key: str) -> Tuple[str, ...]:
   """`down_blocks.0.attentions.1.query.weight` -> (down_blocks_0, attentions_1, to_q, weight)."""
   parts = list(torch_weights.default_path(torch_key))

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from tac_jax.models.dit_blocks import (AdaLayerNormSingle, PatchEmbed, TextProjection,
                                        TransformerBlock, layer_norm)
 from tac_jax.models.dit_config import MASK_BIAS, DiTConfig
+from tac_jax.models.layers import batch_timesteps
 
 
 def split_learned_sigma(output: jax.Array,
@@ -83,11 +84,7 @@ class DiT(nn.Module):
       raise ValueError(f"DiT expects images of shape [B, {want[0]}, {want[1]}, {want[2]}] "
                        f"(NHWC) for this config, got {tuple(x.shape)}.")
     b = x.shape[0]
-    t = jnp.asarray(t)
-    if t.ndim == 0:
-      t = jnp.full((b,), t)
-    if t.shape != (b,):
-      raise ValueError(f"timesteps must be a scalar or have shape [{b}], got {t.shape}.")
+    t = batch_timesteps(t, b)
     cond = jnp.asarray(cond)
     if cfg.class_conditional:
       if cond.shape != (b,) or not jnp.issubdtype(cond.dtype, jnp.integer):

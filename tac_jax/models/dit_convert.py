@@ -20,15 +20,13 @@ carries it anyway, it must match.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Dict, Mapping
 
 import jax
 import numpy as np
 
 from tac_jax.models import torch_weights
-from tac_jax.models.convert import WEIGHTS_NAMES, find_model, load_state_dict, read_config
+from tac_jax.models.convert import WEIGHTS_NAMES, find_model, load_weights, read_config
 from tac_jax.models.dit import DiT, dummy_inputs
 from tac_jax.models.dit_blocks import sincos_pos_embed
 from tac_jax.models.dit_config import DiTConfig
@@ -170,21 +168,9 @@ def convert_dit_state_dict(state_dict: Mapping[str, Any], config: DiTConfig,
       what=f"the {config.norm_type} DiT config (is config.json the one saved with these weights?)")
 
 
-def _load_weights(path: str) -> Dict[str, np.ndarray]:
-  """A state dict from one weights file or a sharded-safetensors index."""
-  if not path.endswith(".index.json"):
-    return load_state_dict(path)
-  with open(path) as f:
-    shards = sorted(set(json.load(f)["weight_map"].values()))
-  out: Dict[str, np.ndarray] = {}
-  for shard in shards:
-    out.update(load_state_dict(os.path.join(os.path.dirname(path), shard)))
-  return out
-
-
 def import_dit_diffusers(directory: str):
   """Loads a diffusers DiT / PixArt transformer directory. Returns (module, params, config)."""
   cfg_path, weights = find_model(directory, SUBFOLDER, WEIGHTS_NAMES[:2] + (SHARD_INDEX,))
   config = dit_config_from_diffusers(read_config(cfg_path))
-  params = convert_dit_state_dict(_load_weights(weights), config)
+  params = convert_dit_state_dict(load_weights(weights), config)
   return DiT(config), params, config

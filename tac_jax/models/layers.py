@@ -15,3 +15,13 @@ class Einsum(nn.Module):
   @nn.compact
   def __call__(self, a, b):
     return jnp.einsum(self.equation, a, b)
+
+
+def batch_timesteps(t, batch: int) -> jnp.ndarray:
+  """t as a [batch] array (a scalar is broadcast); ValueError for any other shape."""
+  t = jnp.asarray(t)
+  if t.ndim == 0:
+    t = jnp.full((batch,), t)
+  if t.shape != (batch,):
+    raise ValueError(f"timesteps must be a scalar or have shape [{batch}], got {t.shape}.")
+  return t

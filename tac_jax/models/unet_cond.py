@@ -27,8 +27,6 @@ Layout is NHWC; any H, W that are multiples of 2^(number of upsamplers) work (th
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import flax.linen as nn
@@ -37,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tac_jax.models import torch_weights
-from tac_jax.models.convert import find_model, load_state_dict, read_config
+from tac_jax.models.convert import find_model, load_weights, read_config
 from tac_jax.models.unet import DownBlock, TimestepEmbedding, UpBlock, timestep_embedding
 from tac_jax.models.unet_cond_blocks import CrossAttnDownBlock, CrossAttnMidBlock, CrossAttnUpBlock
+from tac_jax.models.layers import batch_timesteps
 from tac_jax.models.unet_cond_config import TEXT_TIME, UNetCondConfig
 
 SUBFOLDER = "unet"
@@ -101,11 +100,7 @@ class UNet2DCondition(nn.Module):
       raise ValueError(f"UNet2DCondition expects latents of shape [B, H, W, {cfg.in_channels}] "
                        f"(NHWC) with H and W multiples of {f}, got {tuple(x.shape)}.")
     b = x.shape[0]
-    t = jnp.asarray(t)
-    if t.ndim == 0:
-      t = jnp.full((b,), t)
-    if t.shape != (b,):
-      raise ValueError(f"timesteps must be a scalar or have shape [{b}], got {t.shape}.")
+    t = batch_timesteps(t, b)
     if not cfg.text_time:
       if isinstance(cond, Mapping):
         raise ValueError("this model (addition_embed_type None) takes the encoder_hidden_states "
@@ -219,18 +214,6 @@ def convert_unet_cond_state_dict(state_dict: Mapping[str, Any], config: UNetCond
       what="the UNet2DConditionModel config (is config.json the one saved with these weights?)")
 
 
-def _load_weights(path: str) -> Dict[str, np.ndarray]:
-  """A state dict from one weights file or a sharded-safetensors index."""
-  if not path.endswith(".index.json"):
-    return load_state_dict(path)
-  with open(path) as f:
-    shards = sorted(set(json.load(f)["weight_map"].values()))
-  out: Dict[str, np.ndarray] = {}
-  for shard in shards:
-    out.update(load_state_dict(os.path.join(os.path.dirname(path), shard)))
-  return out
-
-
 def import_unet_cond_diffusers(directory: str, subfolder: str = SUBFOLDER):
   """Loads a diffusers UNet2DConditionModel. Returns (module, params, config).
 
@@ -241,5 +224,5 @@ def import_unet_cond_diffusers(directory: str, subfolder: str = SUBFOLDER):
   """
   cfg_path, weights = find_model(directory, subfolder, WEIGHTS)
   config = UNetCondConfig.from_diffusers(read_config(cfg_path))
-  params = convert_unet_cond_state_dict(_load_weights(weights), config)
+  params = convert_unet_cond_state_dict(load_weights(weights), config)
   return UNet2DCondition(config), params, config
