@@ -132,7 +132,7 @@ def test_scheduler_config_errors_name_the_file(tmp_path, reader):
            ({"beta_end": 2}, r"betas must lie in \(0, 1\)"),
            ({"num_train_timesteps": 2.5}, r"num_train_timesteps must be an integer >= 2"),
            ({"beta_start": "1e-4"}, r"beta_start must be a finite number"),
-           ({"beta_schedule": "scaled_linear"}, r"beta_schedule 'scaled_linear' is not supported"),
+           ({"beta_schedule": "sigmoid"}, r"beta_schedule 'sigmoid' is not supported"),
            ({"prediction_type": "v_prediction"}, r"only epsilon")]
   for fields, match in cases:
     d = _scheduler_dir(tmp_path, json.dumps({"beta_schedule": "linear", **fields}))
