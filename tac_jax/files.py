@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional
 
 import jax
 import numpy as np
@@ -40,14 +40,14 @@ MANIFEST = "manifest.json"
 
 # ----------------------------------------------------------------------------- JSON
 
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and a rename."""
+def write_atomic(path: str, write: Callable[[Any], Any], binary: bool = False) -> None:
+  """Calls `write(f)` on a temporary file next to `path`, then renames it onto `path`."""
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.splitext(path)[1])
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb" if binary else "w") as f:
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -55,6 +55,11 @@ def write_text_atomic(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename."""
+  write_atomic(path, lambda f: f.write(text))
 
 
 def write_json_atomic(path: str, obj: Mapping[str, Any]) -> None:

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                                                                 "docs/results_third_party_dit",
                                                                 "docs/results_cfg_error",
                                                                 "docs/results_tiny_sd",
-                                                                "docs/results_qwix"))
+                                                                "docs/results_qwix",
+                                                                "docs/results_peers"))
 def test_published_folders_have_a_manifest_with_a_revision(folder):
   with open(os.path.join(ROOT, folder, "manifest.json")) as f:
     man = json.load(f)
