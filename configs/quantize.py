@@ -50,5 +50,6 @@ def get_config():
   # EXPORT/<setting>_<ptq>/ (tac_jax.app.artifact; load it with artifact.load); "" = off
   c.export = ""
   c.data_parallel = True            # split the seeds over all devices when there are several
+  c.shard_params = False            # and the float params' large arrays too (FSDP-style)
   c.quant = presets.quant_defaults()   # tac_jax/quant/presets.py: shared with the sweep
   return c

@@ -67,6 +67,27 @@ def replicate(tree, mesh: Mesh):
   return jax.tree.map(lambda x: _put(x, sharding), tree)
 
 
+def shard_params(tree, mesh: Mesh, min_size: int = 2 ** 16):
+  """Places a pytree of params over the mesh FSDP-style: each array of at least `min_size`
+  elements split along its largest axis that the device count divides (the first of equal
+  ones), the others whole on every device. Under jit XLA gathers a layer's weights where
+  it is used, so results equal the replicated run's (up to float rounding) while each
+  device holds ~1/n of the large weights (for models too big to replicate, e.g. an SDXL
+  UNet on accelerators)."""
+  n = mesh.shape[DATA_AXIS]
+
+  def place(x):
+    shape = np.shape(x)
+    axes = [a for a in sorted(range(len(shape)), key=lambda a: -shape[a]) if shape[a] % n == 0]
+    if n == 1 or np.size(x) < min_size or not axes:
+      return _put(x, NamedSharding(mesh, P()))
+    spec = [None] * len(shape)
+    spec[int(axes[0])] = DATA_AXIS
+    return _put(x, NamedSharding(mesh, P(*spec)))
+
+  return jax.tree.map(place, tree)
+
+
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
                            process_id: Optional[int] = None,

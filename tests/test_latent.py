@@ -87,6 +87,41 @@ def test_guided_unet_and_decoder_equal_diffusers(sd_folder):
                              img.transpose(0, 2, 3, 1), atol=1e-4)
 
 
+def test_v_prediction_folder_gives_the_eps_diffusers_steps_with(sd_folder, tmp_path):
+  """An SD 2.x-style scheduler (prediction_type v_prediction): the guided output is
+  converted to eps, and our DDIM step on it equals diffusers' DDIMScheduler step on the
+  guided v."""
+  torch, unet, _, folder, conds = sd_folder
+  import diffusers   # pylint: disable=import-outside-toplevel
+  from tac_jax.diffusion import samplers   # pylint: disable=import-outside-toplevel
+  vdir = tmp_path / "sd2"
+  vdir.mkdir()
+  for sub in ("unet", "vae"):
+    os.symlink(os.path.join(folder, sub), vdir / sub)
+  ref = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                beta_end=0.012, prediction_type="v_prediction",
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+  ref.save_pretrained(str(vdir / "scheduler"))
+  pipe = latent.load_pipeline(str(vdir), conds, scale=3.0)
+  assert pipe.module.prediction_type == "v_prediction"
+  ref.set_timesteps(10)
+  ours = samplers.ddim(make_schedule(**pipe.schedule), 10, spacing="leading", steps_offset=1)
+  np.testing.assert_array_equal(np.asarray(ours.coeffs.t), ref.timesteps.numpy())
+  z = np.random.RandomState(4).randn(2, 4, 8, 8).astype(np.float32)
+  f = np.load(conds)
+  for i in (0, 6):
+    t = int(ref.timesteps[i])
+    with torch.no_grad():
+      run = lambda c, t=t: unet(torch.from_numpy(z), t, torch.from_numpy(c)).sample
+      v_c = run(f["encoder_hidden_states"])
+      v_u = run(np.repeat(f["null_encoder_hidden_states"], 2, axis=0))
+    want = ref.step(v_u + 3.0 * (v_c - v_u), t, torch.from_numpy(z)).prev_sample.numpy()
+    x = jnp.asarray(z.transpose(0, 2, 3, 1))
+    eps = pipe.module.apply({"params": pipe.params}, x, jnp.full((2,), t, jnp.int32))
+    got = ours.step(ours.init(x, jax.random.key(0)), eps, i).x
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, atol=1e-4)
+
+
 def test_conditions_file_errors(sd_folder, tmp_path):
   _, _, _, folder, _ = sd_folder
   with pytest.raises(FileNotFoundError, match="conditions file"):

@@ -42,6 +42,18 @@ SCRIPT = textwrap.dedent("""
         p4 = cal4.params
         chex.assert_trees_all_equal_shapes_and_dtypes(p4, p1)   # every field, incl. optional
         chex.assert_trees_all_close(p4, p1, rtol=1e-4, atol=1e-5)
+    # FSDP-style params: the large weight split over the devices, samples unchanged.
+    big = {"w": jax.random.normal(jax.random.key(2), (48, 48)) / 7, "b": jnp.ones(3)}
+    dense = lambda v, x, t: jnp.tanh((x.reshape(x.shape[0], -1) @ v["w"]).reshape(x.shape)
+                                     + v["b"] * jnp.cos(t.astype(jnp.float32) / 1000)[:, None, None, None])
+    placed = parallel.shard_params(big, mesh, min_size=1024)
+    assert placed["w"].sharding.spec == jax.sharding.PartitionSpec("data", None)
+    assert placed["b"].sharding.spec == jax.sharding.PartitionSpec()
+    assert placed["w"].addressable_shards[0].data.shape == (12, 48)
+    run = parallel.make_sharded_sampler(dense, sampler, mesh)
+    np.testing.assert_allclose(run(placed, parallel.shard_batch(x, mesh), key),
+                               samplers.sample(dense, big, sampler, x, key)[0].x,
+                               rtol=1e-5, atol=1e-5)
     try:
         parallel.sharded_sample(fq, W, sampler, x[:6], key, mesh)
     except ValueError as e:

@@ -45,7 +45,7 @@ def test_leaderboard_and_readme_table_regenerate_from_the_result_folders():
 # behaviour (guidance and shift act on conditional / flow models; export is off): a recorded config without them equals one
 # with these values.
 ADDED_SINCE = {"guidance_scale": None, "labels": "", "shift": 0.0, "export": "",
-               "conditions": ""}
+               "conditions": "", "shard_params": False}
 
 
 @pytest.mark.parametrize("folder, config, overrides", [

@@ -261,6 +261,7 @@ class EvalSpec:
   safe: compensation.SafeConfig
   fd_data_seed: int = 1000
   data_parallel: bool = True
+  shard_params: bool = False        # with data_parallel: the float params FSDP-style
 
 
 def eval_spec(config, methods, ptq0: str) -> EvalSpec:
@@ -276,7 +277,8 @@ def eval_spec(config, methods, ptq0: str) -> EvalSpec:
                   settings=tuple(parse_list(config.settings, SETTINGS, "setting")),
                   methods=methods, quant=quant, safe=safe,
                   fd_data_seed=_integer(config, "fd_data_seed", 0),
-                  data_parallel=bool(config.get("data_parallel", True)))
+                  data_parallel=bool(config.get("data_parallel", True)),
+                  shard_params=bool(config.get("shard_params", False)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -271,8 +271,8 @@ def seed_noise(seed: int, num_calib: int, num_eval: int, shape) -> Noise:
 
 def shard_noise(spec, model: Model, noise: Noise, log) -> Tuple[Model, Noise]:
   """Data parallel when several devices are there (and `spec.data_parallel`; `spec` a
-  settings.EvalSpec): the seeds split over the devices, the model replicated (both jobs go
-  through this)."""
+  settings.EvalSpec): the seeds split over the devices, the model replicated, or its large
+  params split over them with `spec.shard_params` (both jobs go through this)."""
   mesh = parallel.auto_mesh(spec.data_parallel)
   if mesh is None:
     return model, noise
@@ -282,9 +282,11 @@ def shard_noise(spec, model: Model, noise: Noise, log) -> Tuple[Model, Noise]:
                              " or --config.data_parallel=False")
   noise = noise._replace(x_cal=parallel.shard_batch(noise.x_cal, mesh),
                          x_eval=parallel.shard_batch(noise.x_eval, mesh))
-  model = dataclasses.replace(model, params=parallel.replicate(model.params, mesh))
+  place = parallel.shard_params if spec.shard_params else parallel.replicate
+  model = dataclasses.replace(model, params=place(model.params, mesh))
   log(f"data parallel over {n} devices ({jax.process_count()} process(es)): "
-      f"{spec.num_calib // n} calibration + {spec.num_eval // n} evaluation seeds each")
+      f"{spec.num_calib // n} calibration + {spec.num_eval // n} evaluation seeds each"
+      + ("; float params sharded over them" if spec.shard_params else ""))
   return model, noise
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -297,19 +297,21 @@ def scheduler_config_paths(directory: str) -> Tuple[str, ...]:
           os.path.join(parent, "scheduler", SCHEDULER_CONFIG))
 
 
-def schedule_from_config(path: str) -> Dict[str, Any]:
+def schedule_from_config(path: str, prediction_types: Sequence[str] = ("epsilon",)
+                         ) -> Dict[str, Any]:
   """make_schedule kwargs from a diffusers scheduler_config.json, checked now: a corrupt
-  file, an unsupported beta_schedule or prediction_type, or values make_schedule refuses
-  give a ValueError naming the file."""
+  file, an unsupported beta_schedule, a prediction_type outside `prediction_types`, or
+  values make_schedule refuses give a ValueError naming the file."""
   s = files.read_json(path, "diffusers scheduler config")
   where = f"{SCHEDULER_CONFIG} at {path}"
   kind = s.get("beta_schedule", "linear")
   if kind not in BETA_SCHEDULES:
     raise ValueError(f"{where}: beta_schedule {kind!r} is not supported; use one of "
                      f"{sorted(BETA_SCHEDULES)} (or pass the schedule explicitly).")
-  if s.get("prediction_type", "epsilon") != "epsilon":
-    raise ValueError(f"{where}: prediction_type {s['prediction_type']!r}; only epsilon "
-                     "prediction is supported.")
+  if s.get("prediction_type", "epsilon") not in prediction_types:
+    accepted = ("only epsilon prediction is supported" if tuple(prediction_types) == ("epsilon",)
+                else f"this model takes one of {tuple(prediction_types)}")
+    raise ValueError(f"{where}: prediction_type {s['prediction_type']!r}; {accepted}.")
   T = s.get("num_train_timesteps", 1000)
   if not is_integer(T) or T < 2:
     raise ValueError(f"{where}: num_train_timesteps must be an integer >= 2, got {T!r}.")
@@ -323,13 +325,24 @@ def schedule_from_config(path: str) -> Dict[str, Any]:
   return out
 
 
-def schedule_from_diffusers(directory: str) -> Optional[Dict[str, Any]]:
+def schedule_from_diffusers(directory: str, prediction_types: Sequence[str] = ("epsilon",)
+                            ) -> Optional[Dict[str, Any]]:
   """make_schedule kwargs from the first diffusers scheduler config found for the model in
   `directory` (`scheduler_config_paths`), checked (`schedule_from_config`); None if none."""
-  for path in scheduler_config_paths(directory):
-    if os.path.isfile(path):
-      return schedule_from_config(path)
-  return None
+  path = _scheduler_config(directory)
+  return None if path is None else schedule_from_config(path, prediction_types)
+
+
+def prediction_type_from_diffusers(directory: str) -> str:
+  """The `prediction_type` of that scheduler config ("epsilon" if none or unset)."""
+  path = _scheduler_config(directory)
+  if path is None:
+    return "epsilon"
+  return files.read_json(path, "diffusers scheduler config").get("prediction_type", "epsilon")
+
+
+def _scheduler_config(directory: str) -> Optional[str]:
+  return next((p for p in scheduler_config_paths(directory) if os.path.isfile(p)), None)
 
 
 def read_config(path: str) -> Dict[str, Any]:

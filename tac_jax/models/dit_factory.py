@@ -106,11 +106,12 @@ def tiny(seed: int = 0):
           {"name": "linear", "num_timesteps": 1000}, shape)
 
 
-def diffusers_schedule(directory: str) -> Dict[str, Any]:
+def diffusers_schedule(directory: str, prediction_types: Sequence[str] = ("epsilon",)
+                       ) -> Dict[str, Any]:
   """make_schedule kwargs from the pipeline's `scheduler/scheduler_config.json` (looked up
   in `directory` and its parent; `convert.schedule_from_diffusers`, which checks it and
   names the file in its errors), else DiT's linear schedule."""
-  found = schedule_from_diffusers(directory)
+  found = schedule_from_diffusers(directory, prediction_types)
   return dict(DIT_SCHEDULE) if found is None else found
 
 

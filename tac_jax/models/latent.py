@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tac_jax.diffusion import guidance
-from tac_jax.models import dit_factory, vae
+from tac_jax.diffusion import guidance, make_schedule, prediction
+from tac_jax.models import convert, dit_factory, vae
 from tac_jax.models.unet_cond import UNet2DCondition, import_unet_cond_diffusers
 from tac_jax.models.unet_cond_config import UNetCondConfig
 
@@ -57,9 +57,22 @@ class GuidedTextUNet(nn.Module):
   scale; sample i uses prompt row i % P of params["prompts"]["cond"] (module docstring)."""
   config: UNetCondConfig
   scale: float = SD_GUIDANCE_SCALE
+  # What the UNet predicts (the scheduler config's prediction_type). Not epsilon (SD 2.x's
+  # v-prediction): the guided output is converted to eps with the schedule's alphas_cumprod
+  # `abar` ([T]); guidance commutes with the conversion, which is affine in the output.
+  prediction_type: str = "epsilon"
+  abar: Tuple[float, ...] = ()
+
+  def __call__(self, x, t):
+    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    out = self.guided(x, t)
+    if self.prediction_type == "epsilon":
+      return out
+    abar_t = jnp.asarray(self.abar, jnp.float32)[t].reshape((-1,) + (1,) * (x.ndim - 1))
+    return prediction.to_epsilon(out, x, abar_t.astype(out.dtype), self.prediction_type)
 
   @nn.compact
-  def __call__(self, x, t):
+  def guided(self, x, t):
     unet = UNet2DCondition(self.config, name="unet")
     prompts = self.param("prompts", lambda _: {})   # given, never initialised
     cond, null = prompts["cond"], prompts.get("null")
@@ -67,7 +80,6 @@ class GuidedTextUNet(nn.Module):
     n = jax.tree.leaves(cond)[0].shape[0]
     pick = lambda v: v[jnp.arange(b) % n]
     c = _as_unet_cond(jax.tree.map(pick, cond), self.config)
-    t = jnp.broadcast_to(jnp.asarray(t), (b,))
     if self.scale == 1.0:
       return unet(x, t, c)
     u = _as_unet_cond(jax.tree.map(lambda v: jnp.broadcast_to(v, (b,) + v.shape[1:]), null),
@@ -142,9 +154,13 @@ def load_pipeline(directory: str, conditions: str, scale: Optional[float] = None
   vae_module, vae_params, vae_config = vae.import_vae_diffusers(directory)
   prompts = load_conditions(conditions, unet_config)
   w = guidance.check_scale(SD_GUIDANCE_SCALE if scale is None else scale)
-  module = GuidedTextUNet(unet_config, w)
+  schedule = dit_factory.diffusers_schedule(directory, prediction.PREDICTION_TYPES)
+  kind = convert.prediction_type_from_diffusers(directory)
+  abar = () if kind == "epsilon" else tuple(
+      float(a) for a in make_schedule(**schedule).alphas_cumprod)
+  module = GuidedTextUNet(unet_config, w, kind, abar)
   shape = (unet_config.sample_size, unet_config.sample_size, unet_config.in_channels)
   params = {"unet": unet_params, "prompts": jax.tree.map(jnp.asarray, prompts)}
-  return DiffusersPipeline(module, params, dit_factory.diffusers_schedule(directory), shape,
+  return DiffusersPipeline(module, params, schedule, shape,
                            vae_module, vae_params, vae_config,
                            int(prompts["cond"]["encoder_hidden_states"].shape[0]))
