@@ -154,3 +154,26 @@ def test_missing_and_unexpected_keys(dit_torch):
   dit_convert.convert_dit_state_dict({**sd, "pos_embed.pos_embed": table}, cfg)
   with pytest.raises(ValueError, match="pos_embed.pos_embed is not the sin-cos table"):
     dit_convert.convert_dit_state_dict({**sd, "pos_embed.pos_embed": table / 2}, cfg)
+
+
+def test_dit_keep_list_selects_embeddings_adaln_and_output_layers():
+  """presets.DIT_KEEP_8BIT on DiT and PixArt names (with and without a wrapper prefix):
+  patch embedding, output layers, timestep / caption embeddings, adaLN modulations, and
+  none of the attention or MLP layers."""
+  import re   # pylint: disable=import-outside-toplevel
+  from flax import traverse_util   # pylint: disable=import-outside-toplevel
+  from tac_jax.quant import presets   # pylint: disable=import-outside-toplevel
+  keep = re.compile(presets.DIT_KEEP_8BIT)
+  for kind, kw in (("DiTTransformer2DModel", DIT), ("PixArtTransformer2DModel", PIXART)):
+    cfg = dit_convert.dit_config_from_diffusers({"_class_name": kind, **kw})
+    flat = traverse_util.flatten_dict(dit_convert.abstract_params(cfg), sep="/")
+    layers = sorted({k.rsplit("/", 1)[0] for k in flat if k.endswith("/kernel")})
+    for prefix in ("", "dit/"):
+      kept = {p for p in layers if keep.match(prefix + p)}
+      assert all(not re.search(r"attn\d|/ff/", p) for p in kept), kept
+      assert {"pos_embed/proj"} <= kept and any(p.startswith("proj_out") for p in kept)
+      if kind == "DiTTransformer2DModel":
+        assert {f"transformer_blocks_{i}/norm1/linear" for i in range(2)} <= kept
+      else:
+        assert "adaln_single/linear" in kept and any("caption_projection" in p for p in kept)
+  assert not keep.match("unet/down_blocks_0/attentions_0/proj_out")   # a UNet's is not

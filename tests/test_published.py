@@ -18,7 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                                                                 "docs/results_cfg_error",
                                                                 "docs/results_tiny_sd",
                                                                 "docs/results_qwix",
-                                                                "docs/results_peers"))
+                                                                "docs/results_peers",
+                                                                "docs/results_dit_layers",
+                                                                "docs/results_dit_ladder"))
 def test_published_folders_have_a_manifest_with_a_revision(folder):
   with open(os.path.join(ROOT, folder, "manifest.json")) as f:
     man = json.load(f)
