@@ -54,7 +54,8 @@ ADDED_SINCE = {"guidance_scale": None, "labels": "", "shift": 0.0, "export": "",
     ("docs/results", "full", {}),
     ("docs/results_gray28", "full",
      {"checkpoint": "tac_jax/assets/gray28_model", "spacing": "leading"}),
-    ("docs/results_dit_flow", "quantize_dit", {})])
+    ("docs/results_dit_flow", "quantize_dit", {}),
+    ("docs/results_dit_flow_svdquant", "quantize_dit", {"ptq": "svdquant_bc"})])
 def test_published_folders_are_reproduced_by_the_named_config(folder, config, overrides):
   """The README names `--config=configs/<config>.py` (plus the overrides) as the command of
   each published folder: that config must be the one its manifest recorded."""
