@@ -50,11 +50,6 @@ FLOAT_OF = {"jax": "jax-float", "torch": "torch-eager", "torchao": "torch-eager"
 NUM_CALIB, NUM_EVAL = 32, 32   # held-out seeds: at least NUM_EVAL, at least the largest batch
 
 
-def _rss_mb() -> float:
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
 def _peak_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # kB on Linux
 
@@ -62,6 +57,7 @@ def _peak_mb() -> float:
 # ----------------------------------------------------------------------------- preparation
 def prepare(workdir: str, setting: str, steps: int, num_eval: int) -> None:
   """The diffusers folder, the quantized artifact and the evaluation noise, in `workdir`."""
+  from tac_jax import files
   from tac_jax.app import artifact, stages
   from tac_jax.app.settings import SETTINGS, SamplerSpec
   from tac_jax.models import convert
@@ -80,8 +76,8 @@ def prepare(workdir: str, setting: str, steps: int, num_eval: int) -> None:
   kernels = {"/".join(p[:-1]): int(np.size(v)) for p, v in _flat(model.params).items()
              if p[-1] == "kernel"}
   share = sum(n for p, n in kernels.items() if p in qm.specs) / sum(kernels.values())
-  with open(os.path.join(workdir, "prep.json"), "w") as f:
-    json.dump({"schedule": model.meta["schedule"], "int8_share": share}, f)
+  files.write_json_atomic(os.path.join(workdir, "prep.json"),
+                          {"schedule": model.meta["schedule"], "int8_share": share})
   np.save(os.path.join(workdir, "noise.npy"), np.asarray(noise.x_eval))
 
 
@@ -190,7 +186,6 @@ def worker(peer: str, workdir: str, batch: int, steps: int, repeats: int) -> dic
   x = np.load(os.path.join(workdir, "noise.npy"))[:batch]
   make = jax_runner if peer.startswith("jax") else torch_runner
   run, share = make(peer, workdir, steps, x)
-  setup_mb = _rss_mb()
   t0 = time.perf_counter()
   out = run()                           # compiles (jax, torch.compile) / warms up
   first_s = time.perf_counter() - t0
@@ -201,7 +196,7 @@ def worker(peer: str, workdir: str, batch: int, steps: int, repeats: int) -> dic
     times.append(time.perf_counter() - t0)
   np.save(os.path.join(workdir, f"{peer}_{batch}.npy"), out)
   return {"ms_per_sample": 1e3 * float(np.median(times)) / batch, "first_s": first_s,
-          "setup_mb": setup_mb, "peak_mb": _peak_mb(), "int8_share": share}
+          "peak_mb": _peak_mb(), "int8_share": share}
 
 
 # ----------------------------------------------------------------------------- the table
@@ -216,9 +211,9 @@ def _spawn(args, workdir, *extra):
 
 
 def psnr(x: np.ndarray, ref: np.ndarray) -> float:
-  """Mean per-sample PSNR in dB, images in [-1, 1] (as tac_jax.metrics.psnr)."""
-  mse = np.mean((x.astype(np.float64) - ref) ** 2, axis=(1, 2, 3))
-  return float(np.mean(10 * np.log10(4.0 / np.maximum(mse, 1e-20))))
+  """Mean per-sample PSNR in dB of images in [-1, 1] (tac_jax.metrics.psnr)."""
+  from tac_jax import metrics
+  return float(np.mean(metrics.psnr(x, ref)))
 
 
 def available(peer: str) -> bool:
