@@ -226,8 +226,17 @@ def test_registered_method_goes_through_calibrate_and_its_online_sampler():
   assert "toy_half" not in compensation.names()
   with pytest.raises(ValueError, match="unknown compensation method 'toy_half'"):
     compensation.get("toy_half")
-  with pytest.raises(ValueError, match="not both"):
-    compensation.Method("both", "", fit=half_fit, run=lambda *a: None)
+  # fit and run together (tac's option search): calibrate calls run, a scan uses fit
+  both = compensation.register(compensation.Method(
+      "toy_both", "", fit=half_fit, run=lambda ctx, x, k, phi: (compensation.zero_params(
+          sampler.coeffs.num_steps, C, sampler.coeffs.t, phi), None)))
+  try:
+    np.testing.assert_array_equal(
+        compensation.calibrate(LINEAR, QUANTIZED, sampler, x_T, key, "toy_both").params.K, 0.0)
+    np.testing.assert_array_equal(
+        compensation.fit(LINEAR, QUANTIZED, sampler, x_T, key, both.name).K, 0.5)
+  finally:
+    compensation.unregister("toy_both")
   with pytest.raises(ValueError, match="letters, digits and underscores"):
     compensation.Method("bad-name", "", fit=half_fit)
 

@@ -90,6 +90,28 @@ def test_tac_ner_pairs_both_networks_at_the_same_input():
   assert np.all(np.abs(ner[1:-1] * np.asarray(GAIN) - 1.0) < 0.1), ner
 
 
+def test_tac_chooses_its_mask_threshold_on_held_out_seeds():
+  """calibrate's tac scores each threshold of TACOptions.thresholds on the validation half
+  of the calibration seeds, keeps the best and refits it on all of them; a fixed threshold
+  or too few seeds for a split say so."""
+  sampler, x, key = samplers.ddim(SCHED, 6), _x(0, 32), jax.random.key(1)
+  q = comp.Net(gain_and_noise_eps, {})
+  cal = comp.calibrate(FP, q, sampler, x, key, "tac")
+  rep = cal.report
+  assert set(rep.val_psnr) == {"1", "2", "4"} and (rep.num_fit, rep.num_val) == (16, 16)
+  assert rep.val_psnr[f"{rep.threshold:g}"] == max(rep.val_psnr.values())
+  assert len(set(rep.val_psnr.values())) > 1        # the thresholds do differ here
+  fixed = comp.fit(FP, q, sampler, x, key, "tac", comp.TACOptions(threshold=rep.threshold))
+  np.testing.assert_allclose(cal.params.K, fixed.K, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(cal.params.mask_threshold, rep.threshold)
+  one = comp.calibrate(FP, q, sampler, x, key, "tac", comp.TACOptions(threshold=2.0))
+  assert one.report is None and float(one.params.mask_threshold[0]) == 2.0
+  with pytest.raises(ValueError, match="at least 2 seeds"):
+    comp.calibrate(FP, q, sampler, x[:1], key, "tac")
+  with pytest.raises(ValueError, match="thresholds must be >= 0"):
+    comp.TACOptions(thresholds=(1.0, -1.0))
+
+
 def test_tac_input_bias_correction_removes_the_mean_drift():
   sampler = samplers.ddim(SCHED, 10)
   p = _fit("tac", offset_eps, sampler)

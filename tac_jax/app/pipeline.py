@@ -120,8 +120,10 @@ def _method_entry(ctx: _Context, qm, where, cal: compensation.Calibration, mem) 
   entry = {"setting": setting, "ptq": obs, "method": cal.method, "memory_bytes": mem,
            "calibration_s": cal.seconds, "extra_calls_per_step": method.extra_calls,
            "psnr_fake": m.pop("psnr"), "ssim_fake": m.pop("ssim"), **m}
-  if cal.report is not None:
+  if isinstance(cal.report, compensation.SafeReport):
     entry["safe"] = cal.report.to_json()
+  elif cal.report is not None:   # a method's own choice of its options (tac's threshold)
+    entry["selection"] = cal.report.to_json()
   if ctx.job.int_path and cal.method in ("none", ctx.job.default):
     x_i, _, _ = ctx.jit.sample(qm.apply_fn("int"), qm.variables, cal, noise.x_eval, noise.key_eval)
     entry["psnr_int"] = stages.psnr_stats(ctx.model.image(x_i), ctx.ref.images)

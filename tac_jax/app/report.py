@@ -55,6 +55,8 @@ def _method_label(r: Dict[str, Any]) -> str:
     sf = r["safe"]
     name += " (fell back)" if sf["fell_back"] else \
         f" (gain {strength_label(sf['gain'])}, offset {strength_label(sf['offset'])})"
+  elif "threshold" in r.get("selection", {}):
+    name += f" (threshold {r['selection']['threshold']:g})"
   return name + (" **diverged**" if r.get("diverged") else "")
 
 

@@ -30,4 +30,4 @@ from tac_jax.compensation.qncd import QNCDOptions
 from tac_jax.compensation.registry import DEFAULT_METHOD, Method, get, names, register, unregister
 from tac_jax.compensation.safe import SafeConfig, SafeReport, check_split
 from tac_jax.compensation.scan import FitContext, Net, StepInputs
-from tac_jax.compensation.tac import TACOptions
+from tac_jax.compensation.tac import TACOptions, TACReport

@@ -74,9 +74,10 @@ def _phi(sampler: Sampler, x_T, phi):
 
 def fit_scan(fp: Net, q: Net, sampler: Sampler, x_T: jax.Array, key: jax.Array,
              method: str = "tcec", options=None, phi=None) -> ScanOutput:
-  """The calibration scan of a per-step method (jittable): params and per-step NaN flags."""
+  """The calibration scan of a per-step method (jittable): params and per-step NaN flags.
+  A method that also has a `run` (tac's option search) is scanned at the `options` given."""
   m = registry.get(method)
-  if m.run is not None:
+  if m.run is not None and m.fit is None:
     raise ValueError(f"{method!r} calibrates outside one scan (it validates on held-out "
                      "seeds): call compensation.calibrate, not under jit.")
   ctx, phi = _context(fp, q, sampler, m, options), _phi(sampler, x_T, phi)

@@ -31,9 +31,12 @@ class Method:
 
   name: its name in configs and reports.
   summary: one line for reports and `--help`.
-  fit: ctx -> per-step fit (`scan.FitStep`) for the calibration scan; None when `run` is
-    set or the method fits nothing (the identity).
-  run: (ctx, x_T, key, phi) -> `Calibration`, for methods that calibrate outside one scan.
+  fit: ctx -> per-step fit (`scan.FitStep`) for the calibration scan; None when the method
+    fits nothing (the identity) or only calibrates through `run`.
+  run: (ctx, x_T, key, phi) -> (params, report), for methods that calibrate outside one scan
+    (`calibrate` then calls it). A method may have both: `run` selects its options on
+    held-out seeds around scans of `fit` (tac), and `fit_scan` / tcec_safe's bases use `fit`
+    at the options given.
   options: the default options (a frozen dataclass; `calibrate(options=...)` overrides).
   sequential: fit on trajectories already compensated at earlier steps (None: the
     options' own `sequential` field decides).
@@ -60,8 +63,6 @@ class Method:
   multistep: bool = False
 
   def __post_init__(self):
-    if self.fit is not None and self.run is not None:
-      raise ValueError(f"method {self.name!r}: give a per-step `fit` or a whole `run`, not both.")
     if not self.name or not self.name.replace("_", "").isalnum():
       raise ValueError(f"method name {self.name!r}: use letters, digits and underscores.")
 

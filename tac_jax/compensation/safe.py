@@ -269,7 +269,7 @@ def _fit_bases(ctx: FitContext, x_fit, key_fit, phi):
   out = {}
   for base in ctx.options.bases:
     m = registry.get(base)
-    if m.run is not None or m.online is not registry.plain_online:
+    if (m.fit is None and m.run is not None) or m.online is not registry.plain_online:
       raise ValueError(f"{SAFE_METHOD} can search the strength of per-step methods applied by "
                        f"`compensate` (tcec, tac, ptqd, ...), not {base!r}.")
     run = jax.jit(lambda fp, q, x, k, p, b=base: fit_scan(fp, q, ctx.sampler, x, k, b, None, p).params)
