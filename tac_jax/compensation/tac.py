@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from tac_jax import metrics
-from tac_jax.compensation import registry
 from tac_jax.compensation.calibrate import fit_scan
 from tac_jax.compensation.online import compensate
 from tac_jax.compensation.params import step_params
