@@ -34,7 +34,7 @@ def get_config():
   c.num_eval = 128                  # held-out evaluation seeds (also the FD sample sets)
   c.settings = "W8A8,W4A8,W4A4"
   c.ptq = "minmax"                  # base-PTQ presets: minmax, mse, svdquant, ... (quant/presets.py)
-  c.methods = "none,ptqd,tac,stepbaq,tcec,tcec_safe"   # compensation.names(); all: configs/full.py
+  c.methods = "none,ptqd,tac,stepbaq,qncd,tcec,tcec_safe"   # compensation.names(); all: configs/full.py
   c.default_method = "tcec_safe"    # shown in grids and timed
   c.frechet = True                  # FD vs float and vs data (shipped classifier features)
   c.fd_data_seed = 1000             # colors of the real-data reference set

@@ -106,7 +106,7 @@ def test_tac_chooses_its_mask_threshold_on_held_out_seeds():
   np.testing.assert_array_equal(cal.params.mask_threshold, rep.threshold)
   one = comp.calibrate(FP, q, sampler, x, key, "tac", comp.TACOptions(threshold=2.0))
   assert one.report is None and float(one.params.mask_threshold[0]) == 2.0
-  with pytest.raises(ValueError, match="at least 2 seeds"):
+  with pytest.raises(ValueError, match="mask threshold search splits the calibration seeds"):
     comp.calibrate(FP, q, sampler, x[:1], key, "tac")
   with pytest.raises(ValueError, match="thresholds must be >= 0"):
     comp.TACOptions(thresholds=(1.0, -1.0))

@@ -34,6 +34,10 @@ def test_bad_config_values_are_rejected_before_anything_is_written(tiny_model_di
       pipeline.run(bad, out, verbose=False)
     assert not os.path.exists(out)
   bad = load_config("quantize")
+  bad.checkpoint, bad.num_calib, bad.methods = cfg.checkpoint, 1, "none,tac"
+  with pytest.raises(ValueError, match="tac's mask threshold search splits"):
+    pipeline.run(bad, out, verbose=False)
+  bad = load_config("quantize")
   bad.sampler, bad.eta = "ddpm", 0.5
   with pytest.raises(ValueError, match="applies to DDIM only"):
     pipeline.run(bad, out, verbose=False)
@@ -42,6 +46,13 @@ def test_bad_config_values_are_rejected_before_anything_is_written(tiny_model_di
   with pytest.raises(ValueError, match="bits come from --config.settings"):
     pipeline.run(bad, out, verbose=False)
   assert not os.path.exists(out)
+
+
+def test_main_job_compares_the_default_with_the_fields_methods():
+  methods = load_config("quantize").methods.split(",")
+  assert {"none", "ptqd", "tac", "stepbaq", "qncd", compensation.DEFAULT_METHOD} <= set(methods)
+  assert set(load_config("full").methods.split(",")) == set(compensation.names()) - {
+      "tcec_vp", "tcec_ehat"}   # every method but the two tcec variants
 
 
 def test_validate_turns_the_config_into_a_typed_job_spec(tiny_model_dir):

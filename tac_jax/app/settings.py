@@ -271,6 +271,9 @@ def eval_spec(config, methods, ptq0: str) -> EvalSpec:
   num_calib = _integer(config, "num_calib", 1)
   if compensation.DEFAULT_METHOD in methods:
     compensation.check_split(num_calib, safe.val_fraction)
+  if "tac" in methods:   # its mask threshold search holds out seeds too
+    tac = compensation.get("tac").options
+    compensation.check_split(num_calib, tac.val_fraction, who="tac's mask threshold search")
   return EvalSpec(model=model_spec(config),
                   num_calib=num_calib,
                   num_eval=_integer(config, "num_eval", 1),

@@ -201,21 +201,22 @@ def refine_segments(rows, evaluate, config: SafeConfig, segments: int) -> list:
   return new
 
 
-def check_split(num_seeds: int, val_fraction: float) -> int:
+def check_split(num_seeds: int, val_fraction: float, who: str = SAFE_METHOD,
+                fix: str = "(and a val_fraction that leaves both parts a seed)") -> int:
   """The number of validation seeds of `num_seeds` calibration seeds; ValueError unless both
   the fit and the validation part get at least one."""
   n_val = int(round(num_seeds * val_fraction))
   if num_seeds < 2 or not 1 <= n_val < num_seeds:
-    raise ValueError(f"{SAFE_METHOD} splits the calibration seeds into a fit and a validation "
+    raise ValueError(f"{who} splits the calibration seeds into a fit and a validation "
                      f"part: got {num_seeds} seed(s) with val_fraction={val_fraction}; use "
-                     "config.num_calib >= 2 (and a val_fraction that leaves both parts a seed).")
+                     f"config.num_calib >= 2 {fix}.")
   return n_val
 
 
-def split_calibration(x_T: jax.Array, key: jax.Array, val_fraction: float):
+def split_calibration(x_T: jax.Array, key: jax.Array, val_fraction: float, **check):
   """(x_fit, key_fit, x_val, key_val): disjoint seeds, independent step noise."""
   B = x_T.shape[0]
-  n_val = check_split(B, val_fraction)
+  n_val = check_split(B, val_fraction, **check)
   return x_T[:B - n_val], key, x_T[B - n_val:], jax.random.fold_in(key, 1)
 
 

@@ -135,13 +135,10 @@ def tac_run(ctx: FitContext, x_T, key, phi):
                  static_argnums=5)
   if not cfg.searches:
     return scan(ctx.fp, ctx.q, x_T, key, phi, dataclasses.replace(cfg, threshold=cfg.mask)), None
-  B = x_T.shape[0]
-  n_val = int(round(B * cfg.val_fraction))
-  if not 1 <= n_val < B:
-    raise ValueError(f"tac chooses its mask threshold on held-out calibration seeds: got {B} "
-                     f"seed(s) with val_fraction={cfg.val_fraction}; give at least 2 seeds, or "
-                     "a fixed one (TACOptions(threshold=1.0)) to skip the search.")
-  x_fit, x_val, key_val = x_T[:B - n_val], x_T[B - n_val:], jax.random.fold_in(key, 1)
+  from tac_jax.compensation.safe import split_calibration  # pylint: disable=import-outside-toplevel
+  x_fit, key_fit, x_val, key_val = split_calibration(   # (safe registers after tac)
+      x_T, key, cfg.val_fraction, who="tac's mask threshold search",
+      fix="(or a fixed TACOptions(threshold=...))")
   fp, q, sampler = ctx.fp, ctx.q, ctx.sampler
   x_ref = jax.jit(lambda n, x, k: sample(n.apply, n.variables, sampler, x, k)[0].x)(
       fp, x_val, key_val)
@@ -150,11 +147,11 @@ def tac_run(ctx: FitContext, x_T, key, phi):
   scores = {}
   for thr in cfg.thresholds:
     opts = dataclasses.replace(cfg, threshold=float(thr))
-    v = float(to_host(psnr(q, scan(fp, q, x_fit, key, phi, opts), x_val, key_val, x_ref)))
+    v = float(to_host(psnr(q, scan(fp, q, x_fit, key_fit, phi, opts), x_val, key_val, x_ref)))
     scores[f"{thr:g}"] = v if np.isfinite(v) else float("-inf")
   best = float(max(scores, key=scores.get))
   params = scan(fp, q, x_T, key, phi, dataclasses.replace(cfg, threshold=best))
-  return params, TACReport(best, scores, B - n_val, n_val)
+  return params, TACReport(best, scores, int(x_fit.shape[0]), int(x_val.shape[0]))
 
 
 register(Method("tac", "TAC-Diffusion: input bias correction + masked noise estimation "
