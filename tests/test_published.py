@@ -13,7 +13,7 @@ from tac_jax.app import leaderboard
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("folder", leaderboard.folders(leaderboard.PUBLISHED) + ("docs/results_dpm",
+@pytest.mark.parametrize("folder", leaderboard.PUBLISHED + ("docs/results_dpm",
                                                                 "docs/results_third_party_dit",
                                                                 "docs/results_cfg_error",
                                                                 "docs/results_tiny_sd",

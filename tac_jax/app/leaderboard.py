@@ -88,55 +88,8 @@ def fd_scores(feats: Dict[str, np.ndarray], ref: np.ndarray, idx: np.ndarray, co
                    *_interval(resampled[m] - resampled[best], confidence)) for m in feats}
 
 
-OVERLAY_TOL_DB = 1e-3   # per-sample PSNR agreement of plain PTQ between a folder and its overlay
-
-
-def overlay(base: Tuple[Dict[str, Any], Optional[Dict[str, np.ndarray]]],
-            over: Tuple[Dict[str, Any], Optional[Dict[str, np.ndarray]]], name: str):
-  """`base` (results.json, features) with the methods of the main-job folder `over` in
-  place of its own (a method rerun after a fix: `--dirs=FOLDER+RERUN`). Allowed only where
-  both ran the same job: every (setting, PTQ) of `over` is in `base`, and its plain PTQ
-  reproduces `base`'s seed for seed (within OVERLAY_TOL_DB), so the seeds and the quantized
-  model are the same and the paired intervals stay paired."""
-  (res, feats), (res_o, feats_o) = base, over
-  key = lambda e: (e["setting"], e["ptq"], e["method"])
-  entries = {key(e): e for e in res["runs"]}
-  for e in res_o["runs"]:
-    k = key(e)
-    if k[2] != "none":
-      continue
-    if k not in entries:
-      raise ValueError(f"{name}: the overlay ran {k[0]} {k[1]}, which the folder did not.")
-    d = np.max(np.abs(np.subtract(e["psnr_samples"], entries[k]["psnr_samples"])))
-    if not d <= OVERLAY_TOL_DB:
-      raise ValueError(f"{name}: plain PTQ at {k[0]} {k[1]} differs from the folder's by up "
-                       f"to {d:.4f} dB per seed; the overlay is not the same job (config, "
-                       "seeds or quantization changed): rerun the whole folder.")
-  feats = None if feats is None else dict(feats)
-  for e in res_o["runs"]:
-    k = key(e)
-    if k[2] == "none":
-      continue
-    entries[k] = e
-    if feats is not None:
-      f = "/".join(k)
-      if feats_o is None or f not in feats_o:
-        raise ValueError(f"{name}: the overlay has no features for {f}.")
-      feats[f] = feats_o[f]
-  return dict(res, runs=list(entries.values())), feats
-
-
-def folders(dirs: Sequence[str]) -> Tuple[str, ...]:
-  """The result folders `dirs` read, overlays (`A+B`) split."""
-  return tuple(report.unique(f for d in dirs for f in d.split("+")))
-
-
 def rows_of(directory: str, resamples: int = 1000, confidence: float = 0.9) -> List[Row]:
-  """The rows of a main-job folder, or of `FOLDER+RERUN` (`overlay`)."""
-  base, *overs = directory.split("+")
-  res, feats = load_folder(base)
-  for o in overs:
-    res, feats = overlay((res, feats), load_folder(o), directory)
+  res, feats = load_folder(directory)
   groups = report.group(res["runs"], ("setting", "ptq"))
   rows = []
   for (setting, ptq), entries in groups.items():
@@ -150,9 +103,8 @@ def rows_of(directory: str, resamples: int = 1000, confidence: float = 0.9) -> L
     if feats is not None and "float" in feats:
       fd = fd_scores({m: feats[f"{setting}/{ptq}/{m}"] for m in by}, feats["float"], idx,
                      confidence)
-    model = os.path.basename(os.path.normpath(res.get("checkpoint") or base))
-    rows.append(Row("+".join(os.path.normpath(d) for d in directory.split("+")), model,
-                    setting, ptq, tuple(by),
+    model = os.path.basename(os.path.normpath(res.get("checkpoint") or directory))
+    rows.append(Row(os.path.normpath(directory), model, setting, ptq, tuple(by),
                     psnr_scores(per, idx, confidence), fd, by))
   return rows
 
@@ -182,10 +134,7 @@ def markdown(rows: Sequence[Row], method: str, command: str, confidence: float) 
            "FD vs float (shipped classifier features, lower is better) on the evaluation "
            f"seeds; **bold** is the best, ✗ marks a method whose {confidence:.0%} paired "
            "bootstrap interval of the difference to the best excludes 0 (it is beaten "
-           "beyond noise)."
-           + (" A heading `FOLDER+RERUN` takes the methods of RERUN (a rerun after a fix) "
-              "in place of FOLDER's, its plain PTQ checked to reproduce FOLDER's seed for "
-              "seed." if any("+" in r.folder for r in rows) else "") + "\n"]
+           "beyond noise).\n"]
   for folder in report.unique(r.folder for r in rows):
     sub = [r for r in rows if r.folder == folder]
     lines += [f"## {folder}\n", "PSNR (dB):\n"]
