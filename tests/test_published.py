@@ -52,6 +52,7 @@ ADDED_SINCE = {"guidance_scale": None, "labels": "", "shift": 0.0, "export": "",
 
 @pytest.mark.parametrize("folder, config, overrides", [
     ("docs/results", "full", {}),
+    ("docs/results_svdquant", "full", {"ptq": "svdquant_bc", "settings": "W4A4"}),
     ("docs/results_gray28", "full",
      {"checkpoint": "tac_jax/assets/gray28_model", "spacing": "leading"}),
     ("docs/results_dit_flow", "quantize_dit", {}),

@@ -192,8 +192,8 @@ def headline(rows: Sequence[Row], method: str, command: str) -> str:
 
 # The published folders and the command that regenerates docs/leaderboard.md and the
 # README's table from them (tests/test_published.py checks both are up to date).
-PUBLISHED = ("docs/results", "docs/results_gray28", "docs/results_dit_flow",
-             "docs/results_dit_flow_svdquant")
+PUBLISHED = ("docs/results", "docs/results_svdquant", "docs/results_gray28",
+             "docs/results_dit_flow", "docs/results_dit_flow_svdquant")
 RESAMPLES = 200
 COMMAND = "python experiments/leaderboard.py --out=docs/leaderboard.md --readme=README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
