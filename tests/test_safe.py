@@ -100,7 +100,8 @@ def test_safe_fit_chooses_among_several_bases_on_validation_seeds():
 def test_scaled_params_zero_is_identity_and_one_is_unchanged():
   sampler = samplers.ddim(SCHED, 6)
   p = comp.calibrate(comp.Net(gaussian_eps, {}), comp.Net(affine_eps, {}), sampler, _x(0, 32),
-                     jax.random.key(1), "tac").params
+                     jax.random.key(1), "tac",
+                     comp.TACOptions(threshold=1.0)).params
   x, key = _x(3, 8), jax.random.key(4)
   np.testing.assert_array_equal(_run(affine_eps, sampler, x, key, comp.scale_params(p, 0.0, 0.0)),
                                 _run(affine_eps, sampler, x, key))
@@ -218,7 +219,8 @@ def test_safe_fit_per_segment_corrects_where_the_error_is_correctable():
 
 def test_scale_params_per_step():
   p = comp.calibrate(comp.Net(gaussian_eps, {}), comp.Net(affine_eps, {}), samplers.ddim(SCHED, 4),
-                     _x(0, 32), jax.random.key(1), "tac").params
+                     _x(0, 32), jax.random.key(1), "tac",
+                     comp.TACOptions(threshold=1.0)).params
   g = jnp.array([1.0, 0.5, 0.0, 2.0])
   s = comp.scale_params(p, g, 1.0 - g)
   np.testing.assert_allclose(np.asarray(s.K), np.asarray(p.K) * np.asarray(g)[:, None], rtol=1e-6)

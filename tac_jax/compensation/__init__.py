@@ -28,6 +28,6 @@ from tac_jax.compensation.propagation import (PropagationTrace, cumulative_error
                                               fit_channel_gains, joint_run, propagation_report)
 from tac_jax.compensation.qncd import QNCDOptions
 from tac_jax.compensation.registry import DEFAULT_METHOD, Method, get, names, register, unregister
-from tac_jax.compensation.safe import SafeConfig, SafeReport, check_split
-from tac_jax.compensation.scan import FitContext, Net, StepInputs
+from tac_jax.compensation.safe import SafeConfig, SafeReport
+from tac_jax.compensation.scan import FitContext, Net, StepInputs, check_split
 from tac_jax.compensation.tac import TACOptions, TACReport

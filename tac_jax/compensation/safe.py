@@ -30,7 +30,7 @@ from tac_jax import metrics
 from tac_jax.compensation import registry
 from tac_jax.compensation.calibrate import fit_scan
 from tac_jax.compensation.params import CorrectionParams, scale_params
-from tac_jax.compensation.scan import FitContext, check_calibration_noise
+from tac_jax.compensation.scan import FitContext, check_calibration_noise, split_calibration
 from tac_jax.diffusion.samplers import sample
 from tac_jax.host import to_host
 from tac_jax.metrics import frechet
@@ -199,25 +199,6 @@ def refine_segments(rows, evaluate, config: SafeConfig, segments: int) -> list:
         seen.add((best.base,) + key)
         new.append(evaluate(best.base, *key))
   return new
-
-
-def check_split(num_seeds: int, val_fraction: float, who: str = SAFE_METHOD,
-                fix: str = "(and a val_fraction that leaves both parts a seed)") -> int:
-  """The number of validation seeds of `num_seeds` calibration seeds; ValueError unless both
-  the fit and the validation part get at least one."""
-  n_val = int(round(num_seeds * val_fraction))
-  if num_seeds < 2 or not 1 <= n_val < num_seeds:
-    raise ValueError(f"{who} splits the calibration seeds into a fit and a validation "
-                     f"part: got {num_seeds} seed(s) with val_fraction={val_fraction}; use "
-                     f"config.num_calib >= 2 {fix}.")
-  return n_val
-
-
-def split_calibration(x_T: jax.Array, key: jax.Array, val_fraction: float, **check):
-  """(x_fit, key_fit, x_val, key_val): disjoint seeds, independent step noise."""
-  B = x_T.shape[0]
-  n_val = check_split(B, val_fraction, **check)
-  return x_T[:B - n_val], key, x_T[B - n_val:], jax.random.fold_in(key, 1)
 
 
 class _Scorer:

@@ -105,3 +105,22 @@ def calibration_scan(fit_step: FitStep, ctx: FitContext, x_T, key, phi,
           jnp.zeros_like(x_T), jnp.zeros_like(x_T) if aux is None else aux)
   _, (params, bad) = jax.lax.scan(body, init, jnp.arange(c.num_steps))
   return ScanOutput(params, bad)
+
+
+def check_split(num_seeds: int, val_fraction: float, who: str = "tcec_safe",
+                fix: str = "(and a val_fraction that leaves both parts a seed)") -> int:
+  """The number of validation seeds of `num_seeds` calibration seeds; ValueError unless both
+  the fit and the validation part get at least one."""
+  n_val = int(round(num_seeds * val_fraction))
+  if num_seeds < 2 or not 1 <= n_val < num_seeds:
+    raise ValueError(f"{who} splits the calibration seeds into a fit and a validation "
+                     f"part: got {num_seeds} seed(s) with val_fraction={val_fraction}; use "
+                     f"config.num_calib >= 2 {fix}.")
+  return n_val
+
+
+def split_calibration(x_T: jax.Array, key: jax.Array, val_fraction: float, **check):
+  """(x_fit, key_fit, x_val, key_val): disjoint seeds, independent step noise."""
+  B = x_T.shape[0]
+  n_val = check_split(B, val_fraction, **check)
+  return x_T[:B - n_val], key, x_T[B - n_val:], jax.random.fold_in(key, 1)

@@ -40,7 +40,8 @@ from tac_jax.compensation.calibrate import fit_scan
 from tac_jax.compensation.online import compensate
 from tac_jax.compensation.params import step_params
 from tac_jax.compensation.registry import Method, register
-from tac_jax.compensation.scan import FitContext, StepInputs, check_calibration_noise
+from tac_jax.compensation.scan import (FitContext, StepInputs, check_calibration_noise,
+                                      split_calibration)
 from tac_jax.diffusion.samplers import sample
 from tac_jax.host import to_host
 
@@ -135,8 +136,7 @@ def tac_run(ctx: FitContext, x_T, key, phi):
                  static_argnums=5)
   if not cfg.searches:
     return scan(ctx.fp, ctx.q, x_T, key, phi, dataclasses.replace(cfg, threshold=cfg.mask)), None
-  from tac_jax.compensation.safe import split_calibration  # pylint: disable=import-outside-toplevel
-  x_fit, key_fit, x_val, key_val = split_calibration(   # (safe registers after tac)
+  x_fit, key_fit, x_val, key_val = split_calibration(
       x_T, key, cfg.val_fraction, who="tac's mask threshold search",
       fix="(or a fixed TACOptions(threshold=...))")
   fp, q, sampler = ctx.fp, ctx.q, ctx.sampler
