@@ -30,7 +30,8 @@ from tac_jax import metrics
 from tac_jax.compensation import registry
 from tac_jax.compensation.calibrate import fit_scan
 from tac_jax.compensation.params import CorrectionParams, scale_params
-from tac_jax.compensation.scan import FitContext, check_calibration_noise, split_calibration
+from tac_jax.compensation.scan import (FitContext, check_calibration_noise, float_reference,
+                                      split_calibration)
 from tac_jax.diffusion.samplers import sample
 from tac_jax.host import to_host
 from tac_jax.metrics import frechet
@@ -267,7 +268,7 @@ def safe_run(ctx: FitContext, x_T, key, phi) -> Tuple[CorrectionParams, SafeRepo
   x_fit, key_fit, x_val, key_val = split_calibration(x_T, key, config.val_fraction)
   fitted = _fit_bases(ctx, x_fit, key_fit, phi)
   fp, sampler = ctx.fp, ctx.sampler
-  x_ref = jax.jit(lambda n, x, k: sample(n.apply, n.variables, sampler, x, k)[0].x)(fp, x_val, key_val)
+  x_ref = float_reference(fp, sampler, x_val, key_val)
   evaluate = _Scorer(ctx, fitted, x_val, key_val, x_ref)
   none = evaluate(config.bases[0], 0.0, 0.0)
   rows = [none] + [evaluate(b, g, o) for b in config.bases

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from tac_jax.compensation.online import correction, corrected_step
 from tac_jax.compensation.params import CorrectionParams
-from tac_jax.diffusion.samplers import ApplyFn, Sampler, batch_timestep, network_input
+from tac_jax.diffusion.samplers import ApplyFn, Sampler, batch_timestep, network_input, sample
 from tac_jax.validate import check_finite_data
 
 
@@ -124,3 +124,9 @@ def split_calibration(x_T: jax.Array, key: jax.Array, val_fraction: float, **che
   B = x_T.shape[0]
   n_val = check_split(B, val_fraction, **check)
   return x_T[:B - n_val], key, x_T[B - n_val:], jax.random.fold_in(key, 1)
+
+
+def float_reference(fp: Net, sampler: Sampler, x_val: jax.Array, key_val: jax.Array) -> jax.Array:
+  """The float network's final samples from the validation seeds: what a method scores its
+  candidates against when it chooses on held-out calibration seeds (tcec_safe, tac)."""
+  return jax.jit(lambda n, x, k: sample(n.apply, n.variables, sampler, x, k)[0].x)(fp, x_val, key_val)

@@ -41,7 +41,7 @@ from tac_jax.compensation.online import compensate
 from tac_jax.compensation.params import step_params
 from tac_jax.compensation.registry import Method, register
 from tac_jax.compensation.scan import (FitContext, StepInputs, check_calibration_noise,
-                                      split_calibration)
+                                      float_reference, split_calibration)
 from tac_jax.diffusion.samplers import sample
 from tac_jax.host import to_host
 
@@ -59,9 +59,6 @@ class TACOptions:
   val_fraction: float = 0.5  # share of the calibration seeds that scores the thresholds
 
   def __post_init__(self):
-    if isinstance(self.thresholds, str):
-      object.__setattr__(self, "thresholds",
-                         tuple(float(v) for v in self.thresholds.split(",") if v.strip()))
     bad = [v for v in (self.mask, *self.thresholds) if not v >= 0]
     if bad or not self.thresholds:
       raise ValueError(f"TACOptions: mask thresholds must be >= 0 and `thresholds` non-empty, "
@@ -135,13 +132,12 @@ def tac_run(ctx: FitContext, x_T, key, phi):
   scan = jax.jit(lambda fp, q, x, k, p, o: fit_scan(fp, q, ctx.sampler, x, k, "tac", o, p).params,
                  static_argnums=5)
   if not cfg.searches:
-    return scan(ctx.fp, ctx.q, x_T, key, phi, dataclasses.replace(cfg, threshold=cfg.mask)), None
+    return scan(ctx.fp, ctx.q, x_T, key, phi, cfg), None   # the fit uses cfg.mask
   x_fit, key_fit, x_val, key_val = split_calibration(
       x_T, key, cfg.val_fraction, who="tac's mask threshold search",
       fix="(or a fixed TACOptions(threshold=...))")
   fp, q, sampler = ctx.fp, ctx.q, ctx.sampler
-  x_ref = jax.jit(lambda n, x, k: sample(n.apply, n.variables, sampler, x, k)[0].x)(
-      fp, x_val, key_val)
+  x_ref = float_reference(fp, sampler, x_val, key_val)
   psnr = jax.jit(lambda n, p, x, k, ref: jnp.mean(metrics.psnr(
       sample(n.apply, n.variables, compensate(sampler, p), x, k)[0].x, ref)))
   scores = {}
